@@ -1,0 +1,127 @@
+"""ServiceHost: builds a grpc.aio server the same way for every service.
+
+It adds the standard ``grpc.health.v1`` service (NOT_SERVING until the service
+says it is ready, and again from shutdown, so Kubernetes' native gRPC probes
+work), server reflection, message size limits, the interceptor (auth, ids,
+metrics, error mapping), an optional Prometheus HTTP endpoint, and a graceful
+SIGTERM/SIGINT drain: health flips to NOT_SERVING, in-flight calls get
+``shutdown_grace_s`` to finish, then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from common.auth import Authenticator
+from common.errors import Unavailable
+from common.grpcserver.interceptor import ServerInterceptor
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServiceHost:
+    def __init__(self, settings: Settings, name: str, port: int, metrics_port: int | None = None) -> None:
+        self.settings = settings
+        self.name = name
+        self.port = port
+        self.metrics_port = metrics_port
+        self._service_names: list[str] = []
+        self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._stopping = asyncio.Event()
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            # Accept client keepalive pings every 10 s so long streams survive idle proxies.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        self.server = grpc.aio.server(
+            interceptors=[ServerInterceptor(Authenticator(settings.auth_tokens))],
+            options=options,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, service_name: str) -> None:
+        """Add a servicer: ``register`` is the generated ``add_XServicer_to_server``,
+        ``service_name`` its full name (e.g. ``inference.GRPCInferenceService``)."""
+        register(servicer, self.server)
+        self._service_names.append(service_name)
+
+    def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` after in-flight calls drained (e.g. stop batchers, close Redis)."""
+        self._shutdown_hooks.append(hook)
+
+    async def start(self) -> int:
+        """Bind and start; returns the bound port (useful with port 0). Health
+        reports NOT_SERVING until :meth:`set_serving`."""
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        address = f"{self.settings.host}:{self.port}"
+        try:
+            bound = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise Unavailable(f"{self.name}: cannot listen on {address}: {exc}") from exc
+        if bound == 0:
+            raise Unavailable(f"{self.name}: cannot listen on {address} (port in use?)")
+        self.port = bound
+        await self.set_serving(False)
+        await self.server.start()
+        if self.metrics_port:
+            try:
+                start_http_server(self.metrics_port, addr=self.settings.host)
+            except OSError as exc:
+                await self.server.stop(None)
+                raise Unavailable(f"{self.name}: cannot serve metrics on port {self.metrics_port}: {exc}") from exc
+        log.info("%s listening", self.name, extra={"port": bound, "metrics_port": self.metrics_port})
+        return bound
+
+    async def set_serving(self, serving: bool) -> None:
+        status = _SERVING if serving else _NOT_SERVING
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING first so load balancers move away, then let
+        in-flight calls finish within the grace period, then shutdown hooks."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        await self.set_serving(False)
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("%s draining", self.name, extra={"grace_s": grace})
+        await self.server.stop(grace)
+        for hook in self._shutdown_hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        log.info("%s stopped", self.name)
+
+    async def run_until_signal(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server_done = asyncio.ensure_future(self.server.wait_for_termination())
+        signal_seen = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({server_done, signal_seen}, return_when=asyncio.FIRST_COMPLETED)
+        signal_seen.cancel()
+        await self.stop()
+        server_done.cancel()

@@ -1,0 +1,119 @@
+"""One server interceptor: auth, request ids in contextvars, Prometheus metrics,
+request logging, and the mapping of domain errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from common.auth import Authenticator
+from common.errors import ModelfleetError
+from common.grpcserver.errors import status_for
+from common.logging import method_var, request_id_var
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("modelfleet_grpc_requests_total", "gRPC calls handled", ["method", "code"])
+LATENCY = Histogram(
+    "modelfleet_grpc_request_seconds",
+    "gRPC call duration",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method  # type: ignore[attr-defined]
+        public = self._auth.is_public(method)
+        if public and not self._auth.enabled:
+            return handler
+        return _wrap(handler, method, self._auth, public)
+
+
+def _begin(method: str, auth: Authenticator, public: bool, context: grpc.aio.ServicerContext) -> float:
+    metadata = context.invocation_metadata()
+    request_id = ""
+    for key, value in metadata or ():
+        if key == "x-request-id":
+            request_id = value if isinstance(value, str) else value.decode()
+    request_id_var.set(request_id or uuid.uuid4().hex[:16])
+    method_var.set(method)
+    if not public:
+        auth.authenticate(metadata)
+    return time.perf_counter()
+
+
+async def _fail(exc: BaseException, method: str, context: grpc.aio.ServicerContext) -> None:
+    code = status_for(exc)
+    if isinstance(exc, ModelfleetError):
+        message = exc.message
+        log.info("request rejected", extra={"code": code.name, "reason": message})
+    else:
+        message = "internal error; see server logs"
+        log.exception("unhandled error in %s", method)
+    REQUESTS.labels(method, code.name).inc()
+    await context.abort(code, message)
+
+
+def _done(method: str, start: float, context: grpc.aio.ServicerContext) -> None:
+    code = context.code() if hasattr(context, "code") else None
+    REQUESTS.labels(method, (code or grpc.StatusCode.OK).name).inc()
+    LATENCY.labels(method).observe(time.perf_counter() - start)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator, public: bool) -> grpc.RpcMethodHandler:
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if not handler.response_streaming:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                start = _begin(method, auth, public, context)
+                response = await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(exc, method, context)
+            _done(method, start, context)
+            return response
+
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            start = _begin(method, auth, public, context)
+            async for item in inner_stream(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(exc, method, context)
+        _done(method, start, context)
+
+    if handler.request_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+    return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)

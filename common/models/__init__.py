@@ -1,0 +1,1 @@
+"""Built-in model families and loading of registered model artifacts."""

@@ -1,0 +1,97 @@
+"""The MLP family: Linear layers with an activation (and dropout) between them,
+preceded by the input normalization of the dataset it was trained on."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.api.modelfleet.common.v1 import model_pb2
+from common.errors import InvalidArgument
+
+_ACTIVATIONS: dict[int, type[nn.Module]] = {
+    model_pb2.ACTIVATION_UNSPECIFIED: nn.ReLU,
+    model_pb2.ACTIVATION_RELU: nn.ReLU,
+    model_pb2.ACTIVATION_GELU: nn.GELU,
+    model_pb2.ACTIVATION_TANH: nn.Tanh,
+    model_pb2.ACTIVATION_SIGMOID: nn.Sigmoid,
+    model_pb2.ACTIVATION_SILU: nn.SiLU,
+}
+
+
+class Normalize(nn.Module):
+    """y = (x - shift) / scale, per feature; buffers travel with the weights."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(num_features))
+        self.register_buffer("scale", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale
+
+
+class MLP(nn.Module):
+    """State-dict keys: ``norm.shift``, ``norm.scale`` (when normalized) and
+    ``layers.<i>.weight|bias`` for the Linear layers of ``layers``."""
+
+    def __init__(self, arch: model_pb2.MlpArchitecture, normalized: bool = False) -> None:
+        super().__init__()
+        validate_mlp(arch)
+        self.arch = arch
+        self.norm: nn.Module = Normalize(arch.input_size) if normalized else nn.Identity()
+        widths = [arch.input_size, *arch.hidden_sizes, arch.output_size]
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(nn.Linear(fan_in, fan_out))
+            if i < len(widths) - 2:
+                layers.append(_ACTIVATIONS[arch.activation]())
+                if arch.dropout > 0:
+                    layers.append(nn.Dropout(arch.dropout))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.norm(x))
+
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
+
+    def set_normalization(self, norm: model_pb2.Normalization) -> None:
+        """Copy a dataset's normalization into the model's buffers."""
+        if not isinstance(self.norm, Normalize):
+            raise InvalidArgument("model was built without normalization")
+        self.norm.shift.copy_(torch.tensor(list(norm.shift), dtype=torch.float32))
+        self.norm.scale.copy_(torch.tensor(list(norm.scale), dtype=torch.float32))
+
+
+def validate_mlp(arch: model_pb2.MlpArchitecture, where: str = "architecture.mlp") -> None:
+    if arch.input_size <= 0:
+        raise InvalidArgument(f"{where}.input_size must be positive, got {arch.input_size}")
+    if arch.output_size <= 0:
+        raise InvalidArgument(f"{where}.output_size must be positive, got {arch.output_size}")
+    for i, width in enumerate(arch.hidden_sizes):
+        if width <= 0:
+            raise InvalidArgument(f"{where}.hidden_sizes[{i}] must be positive, got {width}")
+    if arch.activation not in _ACTIVATIONS:
+        raise InvalidArgument(f"{where}.activation {arch.activation} is unknown")
+    if not 0.0 <= arch.dropout < 1.0:
+        raise InvalidArgument(f"{where}.dropout must be in [0, 1), got {arch.dropout}")
+
+
+def is_normalized(norm: model_pb2.Normalization) -> bool:
+    return norm.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX)
+
+
+def build_model(arch: model_pb2.Architecture, norm: model_pb2.Normalization | None = None) -> MLP:
+    """A freshly initialised model of a built-in family."""
+    family = arch.WhichOneof("family")
+    if family == "mlp":
+        normalized = norm is not None and is_normalized(norm)
+        model = MLP(arch.mlp, normalized=normalized)
+        if normalized and norm is not None:
+            model.set_normalization(norm)
+        return model
+    raise InvalidArgument(f"architecture family {family!r} is not supported (known: mlp)")

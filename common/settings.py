@@ -1,0 +1,156 @@
+"""The one settings object, read from ``MODELFLEET_*`` environment variables.
+
+Every service and worker builds a :class:`Settings` at start-up with
+:meth:`Settings.from_env`; a bad value stops the process with a message that
+names the variable. Field ``foo_bar`` is read from ``MODELFLEET_FOO_BAR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from common.errors import InvalidArgument
+
+ENV_PREFIX = "MODELFLEET_"
+DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- shared infrastructure
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key and channel; lets deployments (and tests) share a Redis.
+    redis_prefix: str = "mf"
+    artifact_root: Path = Path(".modelfleet/artifacts")
+    # Model device for inference, training and compression: auto, cpu or cuda.
+    device: str = "auto"
+    # Torch intra-op threads per busy process (one beat two under load on CPU).
+    torch_threads: int = 1
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    # --- gRPC servers
+    host: str = "0.0.0.0"
+    inference_port: int = 8001
+    metrics_port: int = 8002
+    data_port: int = 50051
+    training_port: int = 50052
+    compression_port: int = 50053
+    # Largest gRPC message in either direction; gRPC's own default is 4 MiB.
+    max_message_bytes: int = 256 * 1024 * 1024
+    # Comma-separated bearer tokens; empty disables auth.
+    auth_tokens: tuple[str, ...] = ()
+    # Seconds in-flight calls get to finish after SIGTERM.
+    shutdown_grace_s: float = 10.0
+
+    # --- inference
+    # Models served at start-up: "*" follows every model in the registry,
+    # a comma list names them, empty serves only what RepositoryModelLoad asks for.
+    inference_models: tuple[str, ...] = ("*",)
+    max_batch_size: int = 32
+    # Extra wait for a batch to fill when the model is idle; 0 dispatches at once.
+    max_queue_delay_us: int = 0
+    # Requests waiting per model before RESOURCE_EXHAUSTED.
+    max_queue_size: int = 1024
+    # Requests with NaN/Inf inputs: "allow" or "reject".
+    nan_policy: str = "allow"
+
+    # --- data
+    max_upload_bytes: int = 1024 * 1024 * 1024
+
+    # --- jobs
+    # A job not heartbeated for this long is reclaimed by another worker.
+    job_visibility_timeout_s: float = 30.0
+    job_heartbeat_s: float = 5.0
+    job_max_attempts: int = 3
+    # Base of the exponential retry backoff.
+    job_retry_backoff_s: float = 1.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from the environment; ``overrides`` win over it."""
+        env = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key in env:
+                values[f.name] = _parse(key, env[key], hints[f.name])
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        if self.device not in DEVICES:
+            raise InvalidArgument(f"MODELFLEET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument(f"MODELFLEET_LOG_FORMAT must be json or text, not {self.log_format!r}")
+        if self.nan_policy not in ("allow", "reject"):
+            raise InvalidArgument(f"MODELFLEET_NAN_POLICY must be allow or reject, not {self.nan_policy!r}")
+        for name in ("inference_port", "metrics_port", "data_port", "training_port", "compression_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise InvalidArgument(f"MODELFLEET_{name.upper()} must be a port number, not {port}")
+        positive = (
+            "torch_threads",
+            "max_message_bytes",
+            "max_batch_size",
+            "max_queue_size",
+            "max_upload_bytes",
+            "job_visibility_timeout_s",
+            "job_heartbeat_s",
+            "job_max_attempts",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"MODELFLEET_{name.upper()} must be positive, not {getattr(self, name)}")
+        if self.job_heartbeat_s >= self.job_visibility_timeout_s:
+            raise InvalidArgument("MODELFLEET_JOB_HEARTBEAT_S must be below MODELFLEET_JOB_VISIBILITY_TIMEOUT_S")
+        if self.max_queue_delay_us < 0:
+            raise InvalidArgument("MODELFLEET_MAX_QUEUE_DELAY_US must be >= 0")
+        if not self.redis_prefix or ":" in self.redis_prefix:
+            raise InvalidArgument("MODELFLEET_REDIS_PREFIX must be non-empty and contain no ':'")
+
+    def env(self) -> dict[str, str]:
+        """These settings as environment variables (for child processes)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[ENV_PREFIX + f.name.upper()] = ",".join(value) if isinstance(value, tuple) else str(value)
+        return out
+
+
+def _parse(key: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw)
+        if kind == tuple[str, ...]:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError:
+        raise InvalidArgument(f"{key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+__all__ = ["Settings"]
