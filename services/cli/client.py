@@ -1,0 +1,74 @@
+"""What every client command shares: channels built from settings, and output
+as a table or JSON (``--output json``) for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from common.settings import Settings
+
+
+def add_target(parser: argparse.ArgumentParser, default_port_field: str) -> None:
+    """``--target host:port``; the default is 127.0.0.1 and the service's port from settings."""
+    parser.add_argument(
+        "--target",
+        default=None,
+        help=f"service address (default 127.0.0.1:$MODELFLEET_{default_port_field.upper()})",
+    )
+    parser.set_defaults(port_field=default_port_field)
+
+
+def add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+
+
+def channel_options(settings: Settings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Keepalive pings keep long WatchJob/StreamBatches streams alive through proxies.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+def target_of(args: argparse.Namespace, settings: Settings) -> str:
+    return args.target or f"127.0.0.1:{getattr(settings, args.port_field)}"
+
+
+def open_channel(args: argparse.Namespace, settings: Settings | None = None) -> grpc.Channel:
+    settings = settings or Settings.from_env()
+    return grpc.insecure_channel(target_of(args, settings), options=channel_options(settings))
+
+
+def call_metadata(settings: Settings | None = None) -> list[tuple[str, str]]:
+    """Bearer token from MODELFLEET_TOKEN, else the first configured server token."""
+    import os
+
+    token = os.environ.get("MODELFLEET_TOKEN") or next(iter((settings or Settings.from_env()).auth_tokens), "")
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))

@@ -1,0 +1,37 @@
+"""``modelfleet serve <service>`` and ``modelfleet worker <kind>``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+
+from common.logging import setup_logging
+from common.settings import Settings
+
+SERVICES = ("inference", "data", "training", "compression")
+WORKERS = ("training", "compression")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run one gRPC service until SIGTERM")
+    serve.add_argument("service", choices=SERVICES)
+    serve.set_defaults(handler=_serve)
+    worker = sub.add_parser("worker", help="run a job worker until SIGTERM")
+    worker.add_argument("kind", choices=WORKERS)
+    worker.set_defaults(handler=_worker)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    setup_logging(settings.log_level, settings.log_format)
+    server = importlib.import_module(f"services.{args.service}.server")
+    asyncio.run(server.serve(settings))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    setup_logging(settings.log_level, settings.log_format)
+    worker = importlib.import_module(f"services.{args.kind}.worker")
+    return int(worker.run_worker(settings))
