@@ -296,20 +296,20 @@ class ModelRegistry:
             raise NotFound(f"model {name!r} not found")
         fields = _decode_hash(fields_raw)
         if not ref:
-            version = fields.get(_ALIAS_FIELD + PRODUCTION) or (_text(newest[0]) if newest else "")
-            if not version:
+            default = _routing(fields, newest).default_version
+            if not default:
                 raise NotFound(f"model {name!r} has no versions")
-            return version
+            return default
         if _NUMBER.match(ref):
             number = str(int(ref))
             if self._r.zscore(self._versions_key(name), number) is None:
                 raise NotFound(f"version {ref} of model {name!r} not found")
             return number
         validate_alias(ref, "version or alias")
-        version = fields.get(_ALIAS_FIELD + ref)
-        if version is None:
+        target = fields.get(_ALIAS_FIELD + ref)
+        if target is None:
             raise NotFound(f"alias {ref!r} of model {name!r} is not set")
-        return version
+        return target
 
     def get_version(self, name: str, ref: str = "") -> registry_pb2.ModelVersion:
         """A version by number or alias, with ``aliases`` filled in."""
