@@ -147,7 +147,8 @@ def test_guard_refuses_a_drop_and_names_both_values(registry: ModelRegistry) -> 
     with pytest.raises(FailedPrecondition, match=r"test_loss would go from 0\.1 to 0\.3"):
         registry.set_alias("iris", "production", "2", guard("test_loss", 0.1))
     # Within the bar.
-    assert registry.set_alias("iris", "production", "3", guard("test_accuracy", 0.02)).aliases["production"] == "3"
+    model = registry.set_alias("iris", "production", "3", guard("test_accuracy", 0.02))
+    assert model.aliases["production"] == "3"
     assert registry.resolve("iris", "production") == "3"
 
 
