@@ -1,0 +1,1 @@
+"""Pure-torch compression operations on MLP models (no gRPC, no Redis)."""
