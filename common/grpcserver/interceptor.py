@@ -65,6 +65,9 @@ async def _fail(exc: BaseException, method: str, context: grpc.aio.ServicerConte
     if isinstance(exc, ModelfleetError):
         message = exc.message
         log.info("request rejected", extra={"code": code.name, "reason": message})
+    elif isinstance(exc, NotImplementedError):
+        # Generated servicer base classes raise it for RPCs a service does not implement.
+        code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
     else:
         message = "internal error; see server logs"
         log.exception("unhandled error in %s", method)
