@@ -1,0 +1,1 @@
+"""The data service: ingest, preprocess, version and stream datasets."""

@@ -1,0 +1,197 @@
+"""Parsers from an uploaded file (spooled to disk) to a ``RawTable``.
+
+Errors name the 1-based line (CSV) and the column, since clients fix their
+files from these messages.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from common.api.modelfleet.data.v1 import data_pb2
+from common.errors import InvalidArgument
+from services.data.table import RawColumn, RawTable
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of every non-blank record; ``line`` is where it ends."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, strict=True)
+        try:
+            for fields in reader:
+                if fields and not (len(fields) == 1 and not fields[0].strip()):
+                    yield reader.line_num, fields
+        except csv.Error as exc:
+            raise InvalidArgument(f"malformed CSV at line {reader.line_num}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(
+                f"CSV is not UTF-8 (after line {reader.line_num}, byte {exc.start} of a block)"
+            ) from None
+
+
+def parse_csv(path: Path, has_header: bool) -> RawTable:
+    """Two passes keep memory at the size of the result: the first checks the
+    shape and finds each column's type, the second fills the array."""
+    names: list[str] | None = None
+    width = 0
+    rows = 0
+    first_text: list[tuple[int, str] | None] = []
+    seen: list[bool] = []
+    integral: list[bool] = []
+    for line, fields in _csv_rows(path):
+        if names is None:
+            width = len(fields)
+            first_text = [None] * width
+            seen = [False] * width
+            integral = [True] * width
+            if has_header:
+                names = [f.strip() or f"c{i}" for i, f in enumerate(fields)]
+                if len(set(names)) != width:
+                    raise InvalidArgument(f"CSV header at line {line} repeats a column name")
+                continue
+            names = [f"c{i}" for i in range(width)]
+        if len(fields) != width:
+            raise InvalidArgument(
+                f"ragged CSV: line {line} has {len(fields)} fields, the first row has {width}"
+            )
+        rows += 1
+        for i, text in enumerate(fields):
+            text = text.strip()
+            if not text:
+                continue
+            seen[i] = True
+            value = _number(text)
+            if value is None:
+                if first_text[i] is None:
+                    first_text[i] = (line, text)
+            elif not (math.isfinite(value) and value.is_integer()):
+                integral[i] = False
+    if names is None or rows == 0:
+        raise InvalidArgument("dataset is empty: the CSV has no data rows")
+    text_columns = [i for i in range(width) if first_text[i] is not None]
+    # Category codes in order of first appearance; remapped to sorted order below.
+    codes: dict[int, dict[str, int]] = {i: {} for i in text_columns}
+    data = np.full((rows, width), np.nan, dtype=np.float64)
+    records = _csv_rows(path)
+    if has_header:
+        next(records)
+    for row, (_, fields) in enumerate(records):
+        for i, text in enumerate(fields):
+            text = text.strip()
+            if not text:
+                continue
+            if i in codes:
+                data[row, i] = codes[i].setdefault(text, len(codes[i]))
+            else:
+                data[row, i] = float(text)
+    columns = [
+        RawColumn(name, "int64" if integral[i] and seen[i] else "float32") for i, name in enumerate(names)
+    ]
+    for i in text_columns:
+        categories = sorted(codes[i])
+        order = np.array([codes[i][c] for c in categories], dtype=np.int64)
+        remap = np.empty(len(categories), dtype=np.float64)
+        remap[order] = np.arange(len(categories))
+        present = ~np.isnan(data[:, i])
+        data[present, i] = remap[data[present, i].astype(np.int64)]
+        columns[i] = RawColumn(names[i], "string", categories, first_text[i])
+    return RawTable(columns=columns, data=data)
+
+
+def _numeric_2d(array: np.ndarray, what: str) -> np.ndarray:
+    if array.dtype.kind not in "biuf":
+        raise InvalidArgument(f"{what} has dtype {array.dtype}; only numeric arrays are accepted")
+    if array.ndim != 2:
+        raise InvalidArgument(f"{what} must be 2-D [rows, columns], not shape {list(array.shape)}")
+    return array
+
+
+def _columns_for(array: np.ndarray, names: list[str]) -> list[RawColumn]:
+    dtype = "int64" if array.dtype.kind in "biu" else "float32"
+    return [RawColumn(name, dtype) for name in names]
+
+
+def _load_npy(source: Path | io.BytesIO | zipfile.ZipExtFile, what: str) -> np.ndarray:
+    try:
+        return np.load(source, allow_pickle=False)
+    except ValueError as exc:
+        # allow_pickle=False refuses object arrays with a ValueError.
+        raise InvalidArgument(f"{what} is not a plain numeric .npy array: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise InvalidArgument(f"{what} is not a valid .npy file: {exc}") from None
+
+
+def parse_npy(path: Path, label_column: str) -> tuple[RawTable, str]:
+    """A 2-D array; ``label_column`` is a column index as text (or empty).
+    Returns the table and the label column's name."""
+    array = _numeric_2d(_load_npy(path, "the .npy upload"), "the .npy array")
+    names = [f"c{i}" for i in range(array.shape[1])]
+    label = ""
+    if label_column:
+        try:
+            index = int(label_column)
+        except ValueError:
+            raise InvalidArgument(
+                f"label_column {label_column!r} must be a column index for .npy uploads"
+            ) from None
+        if not 0 <= index < array.shape[1]:
+            raise InvalidArgument(
+                f"label_column {index} is out of range: the array has {array.shape[1]} columns"
+            )
+        label = names[index]
+    return RawTable(columns=_columns_for(array, names), data=array.astype(np.float64)), label
+
+
+def parse_npz(path: Path) -> tuple[RawTable, str]:
+    """Arrays ``x`` (2-D) and optional ``y`` (1-D, one per row of x)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidArgument(f"the upload is not a valid .npz archive: {exc}") from None
+    with archive:
+        if "x" not in archive.files:
+            raise InvalidArgument(f".npz has no array 'x' (arrays: {', '.join(archive.files) or 'none'})")
+        try:
+            x = _numeric_2d(archive["x"], ".npz array 'x'")
+            y = archive["y"] if "y" in archive.files else None
+        except ValueError as exc:
+            raise InvalidArgument(f".npz holds an array that is not plain numeric: {exc}") from None
+    names = [f"c{i}" for i in range(x.shape[1])]
+    columns = _columns_for(x, names)
+    if y is None:
+        return RawTable(columns=columns, data=x.astype(np.float64)), ""
+    if y.dtype.kind not in "biuf" or y.ndim != 1:
+        raise InvalidArgument(f".npz array 'y' must be 1-D numeric, not {y.dtype} shape {list(y.shape)}")
+    if y.shape[0] != x.shape[0]:
+        raise InvalidArgument(f".npz array 'y' has {y.shape[0]} rows but 'x' has {x.shape[0]}")
+    data = np.concatenate([x.astype(np.float64), y.astype(np.float64)[:, None]], axis=1)
+    return RawTable(columns=[*columns, *_columns_for(y[:, None], ["y"])], data=data), "y"
+
+
+def parse_upload(path: Path, header: data_pb2.UploadDatasetHeader) -> tuple[RawTable, str]:
+    """Parse by ``header.format``; returns the table and the label column's name."""
+    if header.format == data_pb2.DATA_FORMAT_CSV:
+        return parse_csv(path, header.csv_has_header), header.label_column
+    if header.format == data_pb2.DATA_FORMAT_NPY:
+        return parse_npy(path, header.label_column)
+    if header.format == data_pb2.DATA_FORMAT_NPZ:
+        return parse_npz(path)
+    if header.format == data_pb2.DATA_FORMAT_PARQUET:
+        raise InvalidArgument(
+            "format DATA_FORMAT_PARQUET is not supported by this server; upload CSV, .npy or .npz"
+        )
+    raise InvalidArgument("header.format is required (CSV, NPY or NPZ)")
