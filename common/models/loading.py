@@ -1,0 +1,137 @@
+"""Load any registered model version into a runnable module, for every format.
+
+Nothing is ever unpickled: MLP weights are safetensors, TorchScript archives go
+through ``torch.jit.load`` (TorchScript's own restricted deserializer), and
+``torch.export`` programs load with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` because
+``torch.export.load`` silently retries ``torch.load(weights_only=False)`` when
+the safe load fails; the variable overrides that retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from common.api.modelfleet.common.v1 import model_pb2
+from common.api.modelfleet.registry.v1 import registry_pb2
+from common.artifacts import ArtifactRef, ArtifactStore
+from common.errors import InvalidArgument
+from common.models.mlp import MLP, build_model
+
+log = logging.getLogger(__name__)
+
+_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+@dataclass
+class LoadedModel:
+    module: torch.nn.Module  # in eval mode, on `device`
+    inputs: list[model_pb2.TensorSpec]
+    outputs: list[model_pb2.TensorSpec]
+    device: torch.device
+
+
+def mlp_tensor_specs(
+    arch: model_pb2.MlpArchitecture,
+) -> tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]:
+    """The built-in MLP's tensors: ``input`` FP32 [-1, in] and ``output`` FP32 [-1, out]."""
+    inputs = [model_pb2.TensorSpec(name="input", datatype="FP32", shape=[-1, arch.input_size])]
+    outputs = [model_pb2.TensorSpec(name="output", datatype="FP32", shape=[-1, arch.output_size])]
+    return inputs, outputs
+
+
+def save_mlp(model: MLP, store: ArtifactStore) -> ArtifactRef:
+    """The model's state dict as safetensors, atomically into the store."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    scratch = store.scratch_dir()
+    try:
+        path = scratch / "model.safetensors"
+        save_file(state, str(path))
+        return store.put_file(path)
+    finally:
+        for child in scratch.iterdir():
+            child.unlink()
+        scratch.rmdir()
+
+
+def load_model(version: registry_pb2.ModelVersion, store: ArtifactStore, device: torch.device) -> LoadedModel:
+    """The version's module in eval mode on ``device``, with its tensor specs.
+
+    Raises InvalidArgument when the artifact does not match its format (so a bad
+    upload fails its load, never the server), NotFound/DataLoss from the store.
+    """
+    where = f"model {version.model_name!r} version {version.version!r}"
+    path = store.path(version.artifact_digest)
+    fmt = version.format
+    try:
+        if fmt == registry_pb2.MODEL_FORMAT_SAFETENSORS:
+            module = _load_safetensors_mlp(version, path, device, where)
+        elif fmt == registry_pb2.MODEL_FORMAT_TORCHSCRIPT:
+            module = torch.jit.load(str(path), map_location=device).eval()
+        elif fmt == registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
+            module = _load_export(path, device)
+        elif fmt == registry_pb2.MODEL_FORMAT_COMPRESSED:
+            from common.models.compressed import load_compressed  # optional format, imported on first use
+
+            module = load_compressed(version, path, device).eval()
+        else:
+            raise InvalidArgument(f"{where}: format {registry_pb2.ModelFormat.Name(fmt)} cannot be served")
+    except InvalidArgument:
+        raise
+    except (RuntimeError, ValueError, SafetensorError, OSError, KeyError, pickle.UnpicklingError) as exc:
+        # Corrupt or hostile artifacts surface here (including the weights-only
+        # unpickler refusing a pickle payload); report them as a bad model.
+        log.warning("model artifact refused", extra={"model": version.model_name, "version": version.version})
+        raise InvalidArgument(
+            f"{where}: artifact is not a loadable {registry_pb2.ModelFormat.Name(fmt)}: {_first_line(exc)}"
+        ) from exc
+    inputs, outputs = _specs(version, where)
+    return LoadedModel(module=module, inputs=inputs, outputs=outputs, device=device)
+
+
+def _load_safetensors_mlp(
+    version: registry_pb2.ModelVersion, path: Path, device: torch.device, where: str
+) -> torch.nn.Module:
+    if version.architecture.WhichOneof("family") is None:
+        raise InvalidArgument(f"{where}: SAFETENSORS models need an architecture")
+    norm = version.normalization if version.HasField("normalization") else None
+    model = build_model(version.architecture, norm)
+    state = load_file(str(path), device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InvalidArgument(
+            f"{where}: weights do not match the architecture "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+        )
+    return model.to(device).eval()
+
+
+def _load_export(path: Path, device: torch.device) -> torch.nn.Module:
+    # Left set for the process: a serving process must never unpickle.
+    os.environ[_WEIGHTS_ONLY_ENV] = "1"
+    program = torch.export.load(str(path))
+    # An exported program has no train/eval mode: it was traced in the mode it serves in.
+    module: torch.nn.Module = program.module()
+    return module.to(device)
+
+
+def _specs(
+    version: registry_pb2.ModelVersion, where: str
+) -> tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]:
+    if version.inputs and version.outputs:
+        return list(version.inputs), list(version.outputs)
+    if version.architecture.WhichOneof("family") == "mlp":
+        return mlp_tensor_specs(version.architecture.mlp)
+    raise InvalidArgument(f"{where}: the version declares no input/output tensor specs")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,261 @@
+"""Dynamic batching for one loaded model version.
+
+Requests are queued (highest ``priority`` first, then arrival order) from the
+event loop; one dedicated thread per version takes as many rows as fit in
+``max_batch_size``, runs one forward pass under ``torch.inference_mode``, splits
+the outputs back per request and resolves all of the batch's futures with a
+single ``call_soon_threadsafe``. With ``max_queue_delay_us == 0`` an idle model
+dispatches at once; while a batch runs, arrivals pile up and form the next one.
+Expired (``timeout``/deadline) and cancelled requests are dropped before they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
+from common.models.loading import LoadedModel
+from services.inference.codec import (
+    OutputTensor,
+    Signature,
+    batch_tensor,
+    output_array,
+    outputs_of,
+    zeros_for,
+)
+from services.inference.stats import BatchTiming, VersionStats
+
+log = logging.getLogger(__name__)
+
+Result = list[OutputTensor] | BaseException
+
+
+@dataclass(eq=False, slots=True)
+class Work:
+    arrays: list[np.ndarray]
+    rows: int
+    outputs: list[int] | None  # indices of requested outputs; None = all
+    deadline_ns: int  # perf_counter_ns; 0 = none
+    enqueued_ns: int
+    future: asyncio.Future[list[OutputTensor]]
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        model: LoadedModel,
+        signature: Signature,
+        stats: VersionStats,
+        *,
+        max_batch_size: int,
+        max_queue_delay_us: int,
+        max_queue_size: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.model = model
+        self.signature = signature
+        self.stats = stats
+        self.max_batch_size = max_batch_size if signature.batchable else 1
+        self._delay_ns = max_queue_delay_us * 1000
+        self._max_queue = max_queue_size
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._heap: list[tuple[int, int, Work]] = []
+        self._queued_rows = 0
+        self._seq = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}-{version}", daemon=True)
+
+    # --- event-loop side
+
+    def submit(
+        self, arrays: list[np.ndarray], rows: int, outputs: list[int] | None, priority: int, deadline_ns: int
+    ) -> asyncio.Future[list[OutputTensor]]:
+        future: asyncio.Future[list[OutputTensor]] = self._loop.create_future()
+        work = Work(arrays, rows, outputs, deadline_ns, time.perf_counter_ns(), future)
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model {self.name!r} version {self.version} is unloading; retry")
+            if len(self._heap) >= self._max_queue:
+                self.stats.record_failure(0)
+                raise ResourceExhausted(
+                    f"queue of model {self.name!r} version {self.version} "
+                    f"is full ({self._max_queue} requests)"
+                )
+            heapq.heappush(self._heap, (-priority, next(self._seq), work))
+            self._queued_rows += rows
+            self._cond.notify()
+        return future
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop taking requests; the thread finishes what is queued, then exits."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    async def join(self, timeout_s: float) -> None:
+        await asyncio.to_thread(self._thread.join, timeout_s)
+
+    # --- model side (own thread, or a worker thread for warm-up)
+
+    def warm_up(self) -> None:
+        """Run the model at batch 1 and at the largest batch before it reports ready,
+        so first requests do not pay for lazy initialisation."""
+        sizes = sorted({1, self.max_batch_size})
+        with torch.inference_mode():
+            for rows in sizes:
+                arrays = zeros_for(self.signature, rows)
+                inputs = [
+                    batch_tensor([a], spec.dtype, self.model.device)
+                    for a, spec in zip(arrays, self.signature.inputs, strict=True)
+                ]
+                outputs_of(self.model.module(*inputs), self.signature.outputs)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                taken = self._next_batch()
+                if taken is None:
+                    return
+                batch, dropped = taken
+                if dropped:
+                    self._drop(dropped)
+                if batch:
+                    self._execute(batch)
+
+    def _next_batch(self) -> tuple[list[Work], list[Work]] | None:
+        with self._cond:
+            while not self._heap:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            if self._delay_ns and not self._closed:
+                # Let an idle model's batch fill for up to the delay after its oldest request.
+                until = min(item[2].enqueued_ns for item in self._heap) + self._delay_ns
+                while self._queued_rows < self.max_batch_size and not self._closed:
+                    left = until - time.perf_counter_ns()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left / 1e9)
+            batch: list[Work] = []
+            dropped: list[Work] = []
+            rows = 0
+            now = time.perf_counter_ns()
+            while self._heap:
+                work = self._heap[0][2]
+                if batch and rows + work.rows > self.max_batch_size:
+                    break
+                heapq.heappop(self._heap)
+                self._queued_rows -= work.rows
+                if work.future.cancelled() or (work.deadline_ns and now > work.deadline_ns):
+                    dropped.append(work)
+                    continue
+                batch.append(work)
+                rows += work.rows
+                if not self.signature.batchable:
+                    break
+            return batch, dropped
+
+    def _drop(self, dropped: list[Work]) -> None:
+        now = time.perf_counter_ns()
+        results: list[tuple[asyncio.Future[list[OutputTensor]], Result]] = []
+        for work in dropped:
+            self.stats.record_failure(now - work.enqueued_ns)
+            if not work.future.cancelled():
+                error = DeadlineExceeded(
+                    f"request to model {self.name!r} version {self.version} timed out in the queue"
+                )
+                results.append((work.future, error))
+        self._deliver(results)
+
+    def _execute(self, batch: list[Work]) -> None:
+        sig = self.signature
+        device = self.model.device
+        start = time.perf_counter_ns()
+        try:
+            inputs = [
+                batch_tensor([w.arrays[i] for w in batch], spec.dtype, device)
+                for i, spec in enumerate(sig.inputs)
+            ]
+            rows = sum(w.rows for w in batch)
+            ready = time.perf_counter_ns()
+            result = self.model.module(*inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            inferred = time.perf_counter_ns()
+            arrays = [
+                output_array(n, t) for n, t in zip(sig.outputs, outputs_of(result, sig.outputs), strict=True)
+            ]
+            if sig.batchable:
+                for name, (_, array) in zip(sig.outputs, arrays, strict=True):
+                    if array.ndim == 0 or array.shape[0] != rows:
+                        raise FailedPrecondition(
+                            f"model output {name!r} has shape {list(array.shape)} for a batch of {rows} rows"
+                        )
+            results: list[tuple[asyncio.Future[list[OutputTensor]], Result]] = []
+            every = range(len(sig.outputs))
+            offset = 0
+            for work in batch:
+                end = offset + work.rows
+                outs = []
+                for index in work.outputs if work.outputs is not None else every:
+                    datatype, array = arrays[index]
+                    part = array[offset:end] if sig.batchable else array
+                    outs.append(OutputTensor(sig.outputs[index], datatype, part.shape, part.tobytes()))
+                results.append((work.future, outs))
+                offset = end
+            done = time.perf_counter_ns()
+        except Exception as exc:
+            log.exception(
+                "batch failed", extra={"model": self.name, "version": self.version, "requests": len(batch)}
+            )
+            now = time.perf_counter_ns()
+            for work in batch:
+                self.stats.record_failure(now - work.enqueued_ns)
+            self._deliver([(w.future, exc) for w in batch])
+            return
+        self._deliver(results)
+        self.stats.record_batch(
+            BatchTiming(
+                rows=rows,
+                request_ns=[done - w.enqueued_ns for w in batch],
+                queue_ns=[start - w.enqueued_ns for w in batch],
+                input_ns=ready - start,
+                infer_ns=inferred - ready,
+                output_ns=done - inferred,
+            )
+        )
+
+    def _deliver(self, results: list[tuple[asyncio.Future[list[OutputTensor]], Result]]) -> None:
+        if not results:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_resolve, results)
+        except RuntimeError:
+            log.warning("event loop closed; %d results dropped", len(results))
+
+
+def _resolve(results: list[tuple[asyncio.Future[list[OutputTensor]], Result]]) -> None:
+    for future, value in results:
+        if future.done():
+            continue  # cancelled by the client meanwhile
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
