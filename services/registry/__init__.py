@@ -1,0 +1,1 @@
+"""The model registry service (hosted by the inference server) and model uploads."""

@@ -1,0 +1,140 @@
+"""ModelUpload without gRPC: header checks, validation by loading, cleanup."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import redis
+
+from common.api.modelfleet.common.v1 import model_pb2
+from common.api.modelfleet.registry.v1 import registry_pb2
+from common.artifacts import ArtifactStore
+from common.errors import InvalidArgument, NotFound, ResourceExhausted
+from common.registry import ModelRegistry
+from common.settings import Settings
+from services.registry.upload import ModelUpload, check_header, first_header
+from tests.registry.helpers import ARCH, mlp_bytes, mlp_header, torchscript_bytes
+
+
+@pytest.fixture
+def registry(redis_client: redis.Redis, settings: Settings) -> ModelRegistry:
+    return ModelRegistry(redis_client, settings.redis_prefix)
+
+
+def stored_digests(store: ArtifactStore) -> list[str]:
+    return sorted(p.name for p in (store.root / "sha256").glob("*/*"))
+
+
+def upload(
+    header: registry_pb2.UploadModelHeader,
+    data: bytes,
+    store: ArtifactStore,
+    registry: ModelRegistry,
+    limit: int = 1 << 20,
+) -> registry_pb2.ModelVersion:
+    job = ModelUpload(header, store, registry, limit)
+    for start in range(0, len(data), 100):
+        job.write(data[start : start + 100])
+    return job.commit()
+
+
+def test_safetensors_upload_registers_with_mlp_specs(store: ArtifactStore, registry: ModelRegistry) -> None:
+    data = mlp_bytes()
+    version = upload(mlp_header(sha256=hashlib.sha256(data).hexdigest()), data, store, registry)
+    assert (version.model_name, version.version) == ("iris", "1")
+    assert version.artifact_digest == hashlib.sha256(data).hexdigest()
+    assert version.artifact_size_bytes == len(data)
+    assert [(t.name, t.datatype, list(t.shape)) for t in version.inputs] == [("input", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in version.outputs] == [("output", "FP32", [-1, 3])]
+    assert version.metrics["test_accuracy"] == pytest.approx(0.9)
+    assert store.read_bytes(version.artifact_digest) == data
+    assert registry.get_version("iris").architecture == ARCH
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # TorchScript is a supported format
+def test_torchscript_upload_needs_tensor_specs(store: ArtifactStore, registry: ModelRegistry) -> None:
+    header = registry_pb2.UploadModelHeader(name="ts", format=registry_pb2.MODEL_FORMAT_TORCHSCRIPT)
+    with pytest.raises(InvalidArgument, match=r"header\.inputs and header\.outputs are required"):
+        check_header(header)
+    header.inputs.add(name="x", datatype="FP32", shape=[-1, 4])
+    header.outputs.add(name="y", datatype="FP32", shape=[-1, 2])
+    version = upload(header, torchscript_bytes(), store, registry)
+    assert version.format == registry_pb2.MODEL_FORMAT_TORCHSCRIPT and version.inputs[0].name == "x"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "a/b"}, r"header\.name"),
+        ({"format": registry_pb2.MODEL_FORMAT_UNSPECIFIED}, r"header\.format is required"),
+        ({"sha256": "zz"}, r"header\.sha256"),
+    ],
+)
+def test_header_checks(change: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        check_header(mlp_header(**change))
+
+
+def test_header_checks_architecture_specs_and_normalization() -> None:
+    no_arch = mlp_header()
+    no_arch.ClearField("architecture")
+    with pytest.raises(InvalidArgument, match=r"header\.architecture is required for MODEL_FORMAT_SAFETENSORS"):
+        check_header(no_arch)
+    bad_width = mlp_header()
+    bad_width.architecture.mlp.output_size = 0
+    with pytest.raises(InvalidArgument, match=r"header\.architecture\.mlp\.output_size"):
+        check_header(bad_width)
+    bad_type = mlp_header()
+    bad_type.inputs.add(name="input", datatype="FLOAT", shape=[-1, 4])
+    with pytest.raises(InvalidArgument, match=r"header\.inputs\[0\]\.datatype 'FLOAT'"):
+        check_header(bad_type)
+    bad_norm = mlp_header()
+    bad_norm.normalization.CopyFrom(
+        model_pb2.Normalization(kind=model_pb2.NORMALIZATION_KIND_ZSCORE, shift=[0, 0], scale=[1, 1])
+    )
+    with pytest.raises(InvalidArgument, match="2 values for 4 input features"):
+        check_header(bad_norm)
+    with pytest.raises(InvalidArgument, match="first UploadModel message must carry the header"):
+        first_header(registry_pb2.UploadModelRequest(chunk=b"x"))
+
+
+def test_garbage_registers_nothing_and_leaves_no_bytes(store: ArtifactStore, registry: ModelRegistry) -> None:
+    with pytest.raises(InvalidArgument, match="not a loadable MODEL_FORMAT_SAFETENSORS"):
+        upload(mlp_header(), b"not a model at all" * 10, store, registry)
+    with pytest.raises(NotFound):
+        registry.get_model("iris")
+    assert stored_digests(store) == []
+
+
+def test_wrong_architecture_fails_the_load(store: ArtifactStore, registry: ModelRegistry) -> None:
+    header = mlp_header()
+    header.architecture.mlp.hidden_sizes[:] = [16]
+    with pytest.raises(InvalidArgument):
+        upload(header, mlp_bytes(), store, registry)
+    assert stored_digests(store) == []
+
+
+def test_failed_upload_keeps_bytes_another_version_uses(store: ArtifactStore, registry: ModelRegistry) -> None:
+    data = mlp_bytes()
+    good = upload(mlp_header(), data, store, registry)
+    wrong = mlp_header("other")
+    wrong.architecture.mlp.input_size = 5
+    with pytest.raises(InvalidArgument):
+        upload(wrong, data, store, registry)
+    assert stored_digests(store) == [good.artifact_digest]
+    with pytest.raises(NotFound):
+        registry.get_model("other")
+
+
+def test_sha256_mismatch(store: ArtifactStore, registry: ModelRegistry) -> None:
+    with pytest.raises(InvalidArgument, match="hash to"):
+        upload(mlp_header(sha256="0" * 64), mlp_bytes(), store, registry)
+    assert stored_digests(store) == []
+
+
+def test_size_limit(store: ArtifactStore, registry: ModelRegistry) -> None:
+    with pytest.raises(ResourceExhausted, match="size limit of 150 bytes"):
+        upload(mlp_header(), mlp_bytes(), store, registry, limit=150)
+    assert stored_digests(store) == []
+    assert list((store.root / "tmp").iterdir()) == []
