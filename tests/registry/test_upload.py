@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 import redis
@@ -71,7 +72,7 @@ def test_torchscript_upload_needs_tensor_specs(store: ArtifactStore, registry: M
         ({"sha256": "zz"}, r"header\.sha256"),
     ],
 )
-def test_header_checks(change: dict[str, object], message: str) -> None:
+def test_header_checks(change: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         check_header(mlp_header(**change))
 
@@ -79,7 +80,7 @@ def test_header_checks(change: dict[str, object], message: str) -> None:
 def test_header_checks_architecture_specs_and_normalization() -> None:
     no_arch = mlp_header()
     no_arch.ClearField("architecture")
-    with pytest.raises(InvalidArgument, match=r"header\.architecture is required for MODEL_FORMAT_SAFETENSORS"):
+    with pytest.raises(InvalidArgument, match=r"architecture is required for MODEL_FORMAT_SAFETENSORS"):
         check_header(no_arch)
     bad_width = mlp_header()
     bad_width.architecture.mlp.output_size = 0
@@ -115,7 +116,7 @@ def test_wrong_architecture_fails_the_load(store: ArtifactStore, registry: Model
     assert stored_digests(store) == []
 
 
-def test_failed_upload_keeps_bytes_another_version_uses(store: ArtifactStore, registry: ModelRegistry) -> None:
+def test_failed_upload_keeps_shared_bytes(store: ArtifactStore, registry: ModelRegistry) -> None:
     data = mlp_bytes()
     good = upload(mlp_header(), data, store, registry)
     wrong = mlp_header("other")
