@@ -297,7 +297,7 @@ def _int8_dynamic_layers(mlp: MLP, quantized: dict[str, QuantizedTensor]) -> nn.
     return nn.Sequential(*out)
 
 
-def load_compressed(version: registry_pb2.ModelVersion, path: Path, device: torch.device) -> nn.Module:
+def load_compressed(version: registry_pb2.ModelVersion, path: Path, device: torch.device) -> CompressedMLP:
     """Rebuild a registered COMPRESSED version as a runnable module."""
     if version.architecture.WhichOneof("family") != "mlp":
         raise InvalidArgument(f"compressed version {version.version} has no MLP architecture")

@@ -1,0 +1,101 @@
+"""Measurements for the compression report: parameter counts, size on disk,
+latency at batch 1 and 32 on this worker, and the task metric on held-out data.
+
+Latency is the median of a bounded number of timed calls after warm-up, on the
+module exactly as served (raw features in, float32 out)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
+from common.models.compressed import CompressedMLP
+from common.models.mlp import MLP
+from services.compression.ops.finetune import TrainData
+
+WARMUP_CALLS = 3
+TIMED_CALLS = 20
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of the float model's Linear layers."""
+    total = nonzero = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            for tensor in (module.weight, module.bias):
+                if tensor is not None:
+                    total += tensor.numel()
+                    nonzero += int(torch.count_nonzero(tensor))
+    return total, nonzero
+
+
+@torch.inference_mode()
+def latency_ms(
+    module: nn.Module, input_size: int, batch: int, device: torch.device, calls: int = TIMED_CALLS
+) -> float:
+    x = torch.randn(batch, input_size, device=device)
+    timings: list[float] = []
+    for i in range(WARMUP_CALLS + calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        module(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= WARMUP_CALLS:
+            timings.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(timings)
+
+
+@torch.inference_mode()
+def task_metric(layers: nn.Module, data: TrainData, batch_size: int = 1024) -> tuple[str, float]:
+    """Accuracy (classification) or MSE over all outputs (regression) of
+    ``layers`` on normalized features."""
+    device = _module_device(layers)
+    hits = 0.0
+    elements = 0
+    for start in range(0, data.features.shape[0], batch_size):
+        x = data.features[start : start + batch_size].to(device)
+        y = data.targets[start : start + batch_size].to(device)
+        out = layers(x).float()
+        if data.classification:
+            hits += float((out.argmax(dim=1) == y).sum())
+            elements += y.numel()
+        else:
+            hits += float(((out - y.reshape(out.shape).float()) ** 2).sum())
+            elements += out.numel()
+    return ("accuracy" if data.classification else "mse"), hits / max(elements, 1)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    # int8 dynamic layers hold packed weights, not parameters; they run on CPU only.
+    return torch.device("cpu")
+
+
+def measure(
+    module: MLP | CompressedMLP,
+    float_model: MLP,
+    input_size: int,
+    bytes_on_disk: int,
+    device: torch.device,
+    data: TrainData | None,
+) -> spec_pb2.ModelMeasurements:
+    """``module`` is what serves (raw features); ``float_model`` the same
+    weights in float32 for counting; ``data`` the normalized evaluation split."""
+    parameters, nonzero = count_parameters(float_model)
+    out = spec_pb2.ModelMeasurements(
+        parameters=parameters,
+        nonzero_parameters=nonzero,
+        bytes_on_disk=bytes_on_disk,
+        latency_batch1_ms=latency_ms(module, input_size, 1, device),
+        latency_batch32_ms=latency_ms(module, input_size, 32, device),
+    )
+    if data is not None:
+        out.metric_name, out.metric_value = task_metric(module.layers, data)
+    return out
