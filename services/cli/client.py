@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -51,9 +52,8 @@ def open_channel(args: argparse.Namespace, settings: Settings | None = None) -> 
 
 def call_metadata(settings: Settings | None = None) -> list[tuple[str, str]]:
     """Bearer token from MODELFLEET_TOKEN, else the first configured server token."""
-    import os
-
-    token = os.environ.get("MODELFLEET_TOKEN") or next(iter((settings or Settings.from_env()).auth_tokens), "")
+    configured = (settings or Settings.from_env()).auth_tokens
+    token = os.environ.get("MODELFLEET_TOKEN") or next(iter(configured), "")
     return [("authorization", f"Bearer {token}")] if token else []
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from common.errors import ModelfleetError
 
 # Command-group modules, in help order.
-MODULES = ("serve",)
+MODULES = ("up", "demo", "serve", "datasets")
 
 
 def build_parser() -> argparse.ArgumentParser:
