@@ -1,0 +1,1 @@
+"""Training service (SubmitTrainingJob) and the DDP training worker."""

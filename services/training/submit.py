@@ -1,0 +1,42 @@
+"""SubmitTrainingJob without gRPC: validate, resolve the dataset, queue."""
+
+from __future__ import annotations
+
+import logging
+
+from common.api.modelfleet.jobs.v1 import jobs_pb2
+from common.api.modelfleet.training.v1 import training_pb2
+from common.datasets import DatasetCatalog
+from common.errors import InvalidArgument
+from common.jobs import JobQueue
+from services.training.spec import resolve_spec
+
+log = logging.getLogger(__name__)
+
+
+class TrainingSubmitter:
+    def __init__(self, queue: JobQueue, catalog: DatasetCatalog) -> None:
+        self.queue = queue
+        self.catalog = catalog
+
+    def submit(self, request: training_pb2.SubmitTrainingJobRequest) -> jobs_pb2.Job:
+        """Queue a training job whose spec is validated, defaulted and pinned to
+        the dataset version that exists now (so a later version cannot change it)."""
+        if request.max_attempts < 0:
+            raise InvalidArgument(f"max_attempts must be >= 0 (0: the default), got {request.max_attempts}")
+        if request.priority not in jobs_pb2.Priority.values():
+            raise InvalidArgument(f"priority {request.priority} is unknown")
+        spec, _ = resolve_spec(self.catalog, request.spec)
+        job = jobs_pb2.Job(
+            kind=jobs_pb2.JOB_KIND_TRAINING,
+            priority=request.priority,
+            request_id=request.request_id,
+            max_attempts=request.max_attempts,
+        )
+        job.training.CopyFrom(spec)
+        queued = self.queue.submit(job)
+        log.info(
+            "training job queued",
+            extra={"job_id": queued.id, "dataset": f"{spec.dataset_name}:{spec.dataset_version}"},
+        )
+        return queued
