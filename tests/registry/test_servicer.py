@@ -7,32 +7,17 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import pytest
-import redis
 
 from common.api.modelfleet.registry.v1 import registry_pb2, registry_pb2_grpc
 from common.artifacts import ArtifactStore
-from common.grpcserver import ServiceHost
-from common.registry import ModelRegistry
-from common.settings import Settings
-from services.registry.servicer import ModelRegistryServicer
+from tests.registry.conftest import UPLOAD_LIMIT
 from tests.registry.helpers import mlp_bytes, mlp_header
-
-LIMIT = 64 * 1024
-SERVICE = "modelfleet.registry.v1.ModelRegistryService"
 
 
 @pytest.fixture
-async def stub(
-    settings: Settings, redis_client: redis.Redis, store: ArtifactStore
-) -> AsyncIterator[registry_pb2_grpc.ModelRegistryServiceStub]:
-    host = ServiceHost(settings, "registry-test", 0)
-    servicer = ModelRegistryServicer(ModelRegistry(redis_client, settings.redis_prefix), store, LIMIT)
-    host.add(registry_pb2_grpc.add_ModelRegistryServiceServicer_to_server, servicer, SERVICE)
-    port = await host.start()
-    await host.set_serving(True)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+async def stub(registry_port: int) -> AsyncIterator[registry_pb2_grpc.ModelRegistryServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{registry_port}") as channel:
         yield registry_pb2_grpc.ModelRegistryServiceStub(channel)
-    await host.stop(0)
 
 
 async def stream(
@@ -100,7 +85,7 @@ async def test_header_must_come_first(stub: registry_pb2_grpc.ModelRegistryServi
 async def test_over_the_size_limit(
     stub: registry_pb2_grpc.ModelRegistryServiceStub, store: ArtifactStore
 ) -> None:
-    error = await upload_error(stub, [header_msg(mlp_header()), *chunks(b"x" * (LIMIT + 1), 4096)])
+    error = await upload_error(stub, [header_msg(mlp_header()), *chunks(b"x" * (UPLOAD_LIMIT + 1), 4096)])
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert list((store.root / "sha256").glob("*/*")) == []
 
