@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from common.errors import ModelfleetError
 
 # Command-group modules, in help order.
-MODULES = ("up", "demo", "serve", "datasets", "models")
+MODULES = ("up", "demo", "serve", "datasets", "models", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
