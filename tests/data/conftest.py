@@ -36,13 +36,20 @@ def small_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def stub(small_settings: Settings, redis_client: redis.Redis) -> AsyncIterator[data_pb2_grpc.DataServiceStub]:
+async def data_target(small_settings: Settings, redis_client: redis.Redis) -> AsyncIterator[str]:
     host = await server.build(small_settings)
     port = await host.start()
     await host.set_serving(True)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await host.stop(0)
+
+
+@pytest.fixture
+async def stub(data_target: str) -> AsyncIterator[data_pb2_grpc.DataServiceStub]:
+    channel = grpc.aio.insecure_channel(data_target)
     try:
         yield data_pb2_grpc.DataServiceStub(channel)
     finally:
         await channel.close()
-        await host.stop(0)

@@ -62,7 +62,8 @@ def test_load_split_memmaps_and_concatenates(catalog: DatasetCatalog, store: Art
     x = np.arange(6, dtype=np.float32).reshape(3, 2)
     y = np.array([0, 1, 2], dtype=np.int64)
     meta = catalog.create(
-        data_pb2.DatasetVersion(name="d"), {"train": shard(store, x[:2], y[:2]), "test": shard(store, x[2:], y[2:])}
+        data_pb2.DatasetVersion(name="d"),
+        {"train": shard(store, x[:2], y[:2]), "test": shard(store, x[2:], y[2:])},
     )
     record = catalog.get("d", meta.version)
     tx, ty = load_split(store, record, "train")

@@ -98,7 +98,11 @@ def test_npz_x_y_and_rejections(tmp_path: Path) -> None:
     np.savez(path, x=np.ones((3, 2)), y=np.array([0.5, 1.5, 2.5]))
     raw, label = parse_npz(path)
     table = build_table(raw, label, REG)
-    assert table.features.shape == (3, 2) and table.labels is not None and table.labels.tolist() == [0.5, 1.5, 2.5]
+    assert (
+        table.features.shape == (3, 2)
+        and table.labels is not None
+        and table.labels.tolist() == [0.5, 1.5, 2.5]
+    )
     np.savez(path, x=np.ones((3, 2)), y=np.ones(2))
     with pytest.raises(InvalidArgument, match="'y' has 2 rows"):
         parse_npz(path)
@@ -109,5 +113,5 @@ def test_npz_x_y_and_rejections(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="not plain numeric"):
         parse_npz(path)
     path.write_bytes(io.BytesIO(b"not a zip").getvalue())
-    with pytest.raises(InvalidArgument, match="not a valid .npz"):
+    with pytest.raises(InvalidArgument, match=r"not a valid \.npz"):
         parse_npz(path)

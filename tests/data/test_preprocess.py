@@ -36,14 +36,20 @@ def request(**kw: object) -> data_pb2.PreprocessDatasetRequest:
 ONE_HOT = [data_pb2.Transform(one_hot=data_pb2.OneHotColumn(column="color"))]
 
 
-def test_cleaning_counts_one_hot_and_lineage(service: DataService, store: ArtifactStore, tmp_path: Path) -> None:
+def test_cleaning_counts_one_hot_and_lineage(
+    service: DataService, store: ArtifactStore, tmp_path: Path
+) -> None:
     upload(service, tmp_path, CSV)
     v = service.preprocess(
         request(cleaning=data_pb2.Cleaning(drop_invalid=True, dedupe=True), transforms=ONE_HOT)
     )
     c = v.cleaning
     assert (c.rows_in, c.dropped_invalid, c.dropped_missing_label, c.dropped_duplicates, c.rows_out) == (
-        7, 2, 1, 1, 3,
+        7,
+        2,
+        1,
+        1,
+        3,
     )
     assert list(v.feature_names) == ["a", "b", "color=blue", "color=red"] and v.num_features == 4
     assert (v.parent_name, v.parent_version, v.version) == ("t", "1", "2")
@@ -63,12 +69,18 @@ def test_string_column_without_one_hot_is_rejected(service: DataService, tmp_pat
         service.preprocess(request(transforms=[data_pb2.Transform(drop_column="nope")]))
     with pytest.raises(InvalidArgument, match="empty after cleaning"):
         upload(service, tmp_path, "a,y\nnan,1\n", name="e")
-        service.preprocess(data_pb2.PreprocessDatasetRequest(name="e", cleaning=data_pb2.Cleaning(drop_invalid=True)))
+        service.preprocess(
+            data_pb2.PreprocessDatasetRequest(name="e", cleaning=data_pb2.Cleaning(drop_invalid=True))
+        )
 
 
 @pytest.mark.parametrize("kind", [ZSCORE, MINMAX])
-def test_normalization_fitted_on_train_and_applied(service: DataService, store: ArtifactStore, kind: int) -> None:
-    service.create_from_source(data_pb2.CreateDatasetFromSourceRequest(name="t", source=data_pb2.BUILTIN_SOURCE_IRIS))
+def test_normalization_fitted_on_train_and_applied(
+    service: DataService, store: ArtifactStore, kind: int
+) -> None:
+    service.create_from_source(
+        data_pb2.CreateDatasetFromSourceRequest(name="t", source=data_pb2.BUILTIN_SOURCE_IRIS)
+    )
     raw_x, _ = load_split(store, service.get("t", "1"), "all")
     v = service.preprocess(
         request(normalization=kind, split=data_pb2.SplitSpec(val_fraction=0.2, test_fraction=0.2, seed=3))
@@ -90,7 +102,9 @@ def test_normalization_fitted_on_train_and_applied(service: DataService, store: 
 
 
 def test_second_normalization_composes_against_raw(service: DataService, store: ArtifactStore) -> None:
-    service.create_from_source(data_pb2.CreateDatasetFromSourceRequest(name="t", source=data_pb2.BUILTIN_SOURCE_IRIS))
+    service.create_from_source(
+        data_pb2.CreateDatasetFromSourceRequest(name="t", source=data_pb2.BUILTIN_SOURCE_IRIS)
+    )
     raw_x, _ = load_split(store, service.get("t", "1"), "all")
     service.preprocess(request(normalization=MINMAX))
     v3 = service.preprocess(request(normalization=ZSCORE))
@@ -111,14 +125,19 @@ def test_split_deterministic_and_stratified(service: DataService, store: Artifac
     _, y_val = load_split(store, a, "val")
     assert y_all is not None and y_val is not None
     assert abs(y_val.mean() - y_all.mean()) < 0.01
-    other = service.get("t", service.preprocess(request(version="1", split=data_pb2.SplitSpec(val_fraction=0.25, seed=8))).version)
+    other = service.get(
+        "t",
+        service.preprocess(request(version="1", split=data_pb2.SplitSpec(val_fraction=0.25, seed=8))).version,
+    )
     assert other.shards["val"] != a.shards["val"]
-    with pytest.raises(InvalidArgument, match="split.val_fraction"):
+    with pytest.raises(InvalidArgument, match=r"split\.val_fraction"):
         service.preprocess(request(split=data_pb2.SplitSpec(val_fraction=1.5)))
 
 
 def test_delete_removes_only_unshared_shards(service: DataService, store: ArtifactStore) -> None:
-    service.create_from_source(data_pb2.CreateDatasetFromSourceRequest(name="t", source=data_pb2.BUILTIN_SOURCE_IRIS))
+    service.create_from_source(
+        data_pb2.CreateDatasetFromSourceRequest(name="t", source=data_pb2.BUILTIN_SOURCE_IRIS)
+    )
     v2 = service.create_from_source(
         data_pb2.CreateDatasetFromSourceRequest(name="t", source=data_pb2.BUILTIN_SOURCE_IRIS)
     )
