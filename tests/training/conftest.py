@@ -9,9 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import redis
@@ -20,9 +22,12 @@ from sklearn.datasets import load_digits
 
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.data.v1 import data_pb2
+from common.api.modelfleet.jobs.v1 import jobs_pb2_grpc
+from common.api.modelfleet.training.v1 import training_pb2_grpc
 from common.artifacts import ArtifactStore
 from common.datasets import DatasetCatalog, SplitShards
 from common.settings import Settings
+from services.training.server import build
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +40,13 @@ def _npy(store: ArtifactStore, array: np.ndarray) -> str:
     return store.put_bytes(buf.getvalue()).digest
 
 
+@dataclass
+class Dataset:
+    meta: data_pb2.DatasetVersion
+    raw_test_features: np.ndarray  # before normalization: what clients send
+    test_labels: np.ndarray
+
+
 def add_dataset(
     catalog: DatasetCatalog,
     store: ArtifactStore,
@@ -45,7 +57,7 @@ def add_dataset(
     classes: int,
     splits: tuple[str, ...] = ("train", "val", "test"),
     seed: int = 0,
-) -> data_pb2.DatasetVersion:
+) -> Dataset:
     """Z-score the features with train statistics, split 70/15/15 by ``seed``
     and store it as a dataset version (classification if ``classes``)."""
     order = np.random.default_rng(seed).permutation(len(features))
@@ -57,7 +69,9 @@ def add_dataset(
     normalized = ((features - mean) / std).astype(np.float32)
     label_dtype = np.int64 if classes else np.float32
     shards = {
-        split: SplitShards(_npy(store, normalized[parts[split]]), _npy(store, labels[parts[split]].astype(label_dtype)))
+        split: SplitShards(
+            _npy(store, normalized[parts[split]]), _npy(store, labels[parts[split]].astype(label_dtype))
+        )
         for split in splits
     }
     meta = data_pb2.DatasetVersion(
@@ -72,7 +86,8 @@ def add_dataset(
             kind=model_pb2.NORMALIZATION_KIND_ZSCORE, shift=mean.tolist(), scale=std.tolist()
         ),
     )
-    return catalog.create(meta, shards)
+    test = parts["test"]
+    return Dataset(catalog.create(meta, shards), features[test].astype(np.float32), labels[test])
 
 
 @pytest.fixture
@@ -87,7 +102,7 @@ def catalog(redis_client: redis.Redis, settings: Settings) -> DatasetCatalog:
 
 
 @pytest.fixture
-def digits(catalog: DatasetCatalog, store: ArtifactStore) -> data_pb2.DatasetVersion:
+def digits(catalog: DatasetCatalog, store: ArtifactStore) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1797 rows, 64 features, 10 classes)."""
     data = load_digits()
     return add_dataset(catalog, store, "digits", data.data.astype(np.float32), data.target, classes=10)
@@ -122,3 +137,20 @@ def spawn_worker(fast_settings: Settings) -> Iterator[SpawnWorker]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+@dataclass
+class Stubs:
+    training: training_pb2_grpc.TrainingServiceStub
+    jobs: jobs_pb2_grpc.JobServiceStub
+
+
+@pytest.fixture
+async def stubs(fast_settings: Settings, redis_client: redis.Redis) -> AsyncIterator[Stubs]:
+    """A real training server (TrainingService + JobService) on a free port."""
+    host = await build(fast_settings)
+    port = await host.start()
+    await host.set_serving(True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Stubs(training_pb2_grpc.TrainingServiceStub(channel), jobs_pb2_grpc.JobServiceStub(channel))
+    await host.stop(0)
