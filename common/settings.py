@@ -44,8 +44,24 @@ class Settings:
     compression_port: int = 50053
     # Largest gRPC message in either direction; gRPC's own default is 4 MiB.
     max_message_bytes: int = 256 * 1024 * 1024
-    # Comma-separated bearer tokens; empty disables auth.
+    # Client tokens as hashes with roles: lines "sha256:<hex> <role> <client-name>"
+    # (docs/security.md). Re-read when the file changes.
+    auth_tokens_file: str = ""
+    # Development only: comma-separated plain tokens, each an admin. With neither
+    # this nor auth_tokens_file set, auth is off.
     auth_tokens: tuple[str, ...] = ()
+    # Server TLS: certificate chain and key (PEM). With client_ca set, clients
+    # must present a certificate signed by it (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Client side (CLI, demo, fleet health checks): trust this CA and, for
+    # mutual TLS, present this certificate and key. tls_server_name overrides
+    # the name checked against the server certificate.
+    tls_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
+    tls_server_name: str = ""
     # Seconds in-flight calls get to finish after SIGTERM.
     shutdown_grace_s: float = 10.0
 
@@ -94,7 +110,9 @@ class Settings:
 
     def validate(self) -> None:
         if self.device not in DEVICES:
-            raise InvalidArgument(f"MODELFLEET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
+            raise InvalidArgument(
+                f"MODELFLEET_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}"
+            )
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument(f"MODELFLEET_LOG_FORMAT must be json or text, not {self.log_format!r}")
         if self.nan_policy not in ("allow", "reject"):
@@ -115,13 +133,46 @@ class Settings:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise InvalidArgument(f"MODELFLEET_{name.upper()} must be positive, not {getattr(self, name)}")
+                raise InvalidArgument(
+                    f"MODELFLEET_{name.upper()} must be positive, not {getattr(self, name)}"
+                )
         if self.job_heartbeat_s >= self.job_visibility_timeout_s:
-            raise InvalidArgument("MODELFLEET_JOB_HEARTBEAT_S must be below MODELFLEET_JOB_VISIBILITY_TIMEOUT_S")
+            raise InvalidArgument(
+                "MODELFLEET_JOB_HEARTBEAT_S must be below MODELFLEET_JOB_VISIBILITY_TIMEOUT_S"
+            )
         if self.max_queue_delay_us < 0:
             raise InvalidArgument("MODELFLEET_MAX_QUEUE_DELAY_US must be >= 0")
+        self._validate_security()
         if not self.redis_prefix or ":" in self.redis_prefix:
             raise InvalidArgument("MODELFLEET_REDIS_PREFIX must be non-empty and contain no ':'")
+
+    def _validate_security(self) -> None:
+        pairs = (("tls_cert_file", "tls_key_file"), ("tls_client_cert_file", "tls_client_key_file"))
+        for a, b in pairs:
+            if bool(getattr(self, a)) != bool(getattr(self, b)):
+                raise InvalidArgument(
+                    f"MODELFLEET_{a.upper()} and MODELFLEET_{b.upper()} must be set together"
+                )
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidArgument(
+                "MODELFLEET_TLS_CLIENT_CA_FILE needs MODELFLEET_TLS_CERT_FILE and _KEY_FILE"
+            )
+        files = (
+            "auth_tokens_file",
+            *(f.name for f in fields(self) if f.name.startswith("tls_") and f.name.endswith("_file")),
+        )
+        for name in files:
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise InvalidArgument(f"MODELFLEET_{name.upper()}: {path} is not a readable file")
+
+    @property
+    def server_tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def client_tls(self) -> bool:
+        return bool(self.tls_ca_file or self.tls_client_cert_file)
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables (for child processes)."""

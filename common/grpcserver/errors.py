@@ -23,7 +23,7 @@ STATUS_CODES: dict[type[errors.ModelfleetError], grpc.StatusCode] = {
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     for kind in type(exc).__mro__:
-        code = STATUS_CODES.get(kind)  # type: ignore[call-overload]
+        code = STATUS_CODES.get(kind)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,6 +31,27 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def authenticator_for(settings: Settings) -> Authenticator:
+    tokens_file = Path(settings.auth_tokens_file) if settings.auth_tokens_file else None
+    return Authenticator(settings.auth_tokens, tokens_file)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the certificate paths in settings; with a client CA, mutual TLS
+    (a client without a certificate signed by that CA cannot connect)."""
+    if not settings.server_tls:
+        return None
+    try:
+        chain = Path(settings.tls_cert_file).read_bytes()
+        key = Path(settings.tls_key_file).read_bytes()
+        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    except OSError as exc:
+        raise Unavailable(f"cannot read TLS files: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 class ServiceHost:
@@ -50,7 +72,7 @@ class ServiceHost:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         self.server = grpc.aio.server(
-            interceptors=[ServerInterceptor(Authenticator(settings.auth_tokens))],
+            interceptors=[ServerInterceptor(authenticator_for(settings))],
             options=options,
         )
         self.health = health.aio.HealthServicer()
@@ -74,7 +96,11 @@ class ServiceHost:
         )
         address = f"{self.settings.host}:{self.port}"
         try:
-            bound = self.server.add_insecure_port(address)
+            credentials = server_credentials(self.settings)
+            if credentials is None:
+                bound = self.server.add_insecure_port(address)
+            else:
+                bound = self.server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise Unavailable(f"{self.name}: cannot listen on {address}: {exc}") from exc
         if bound == 0:
@@ -87,8 +113,14 @@ class ServiceHost:
                 start_http_server(self.metrics_port, addr=self.settings.host)
             except OSError as exc:
                 await self.server.stop(None)
-                raise Unavailable(f"{self.name}: cannot serve metrics on port {self.metrics_port}: {exc}") from exc
-        log.info("%s listening", self.name, extra={"port": bound, "metrics_port": self.metrics_port})
+                raise Unavailable(
+                    f"{self.name}: cannot serve metrics on port {self.metrics_port}: {exc}"
+                ) from exc
+        log.info(
+            "%s listening",
+            self.name,
+            extra={"port": bound, "metrics_port": self.metrics_port, "tls": credentials is not None},
+        )
         return bound
 
     async def set_serving(self, serving: bool) -> None:

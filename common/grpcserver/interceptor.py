@@ -1,4 +1,4 @@
-"""One server interceptor: auth, request ids in contextvars, Prometheus metrics,
+"""One server interceptor: authentication and role checks, request ids in contextvars, Prometheus metrics,
 request logging, and the mapping of domain errors to gRPC status codes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from common.auth import Authenticator
+from common.auth import ANONYMOUS, Authenticator, principal_var
 from common.errors import ModelfleetError
 from common.grpcserver.errors import status_for
 from common.logging import method_var, request_id_var
@@ -40,7 +40,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method: str = details.method  # type: ignore[attr-defined]
+        method: str = details.method
         public = self._auth.is_public(method)
         if public and not self._auth.enabled:
             return handler
@@ -55,8 +55,12 @@ def _begin(method: str, auth: Authenticator, public: bool, context: grpc.aio.Ser
             request_id = value if isinstance(value, str) else value.decode()
     request_id_var.set(request_id or uuid.uuid4().hex[:16])
     method_var.set(method)
-    if not public:
-        auth.authenticate(metadata)
+    if public:
+        principal_var.set(ANONYMOUS if not auth.enabled else None)
+    else:
+        principal = auth.authenticate(metadata)
+        auth.authorize(method, principal)
+        principal_var.set(principal)
     return time.perf_counter()
 
 
@@ -81,7 +85,9 @@ def _done(method: str, start: float, context: grpc.aio.ServicerContext) -> None:
     LATENCY.labels(method).observe(time.perf_counter() - start)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator, public: bool) -> grpc.RpcMethodHandler:
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, auth: Authenticator, public: bool
+) -> grpc.RpcMethodHandler:
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
