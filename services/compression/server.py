@@ -9,7 +9,7 @@ from common.api.modelfleet.jobs.v1 import jobs_pb2_grpc
 from common.datasets import DatasetCatalog
 from common.grpcserver import ServiceHost
 from common.jobs import JobQueue
-from common.redis import connect, wait_for_redis
+from common.redis import connect, connect_async, wait_for_redis
 from common.registry import ModelRegistry
 from common.settings import Settings
 from services.compression.servicer import CompressionServicer
@@ -23,6 +23,7 @@ JOB_SERVICE = "modelfleet.jobs.v1.JobService"
 async def build(settings: Settings) -> ServiceHost:
     client = connect(settings.redis_url)
     wait_for_redis(client)
+    async_client = connect_async(settings.redis_url)
     queue = JobQueue(client, settings)
     submitter = CompressionSubmitter(
         queue, ModelRegistry(client, settings.redis_prefix), DatasetCatalog(client, settings.redis_prefix)
@@ -33,9 +34,10 @@ async def build(settings: Settings) -> ServiceHost:
         CompressionServicer(submitter),
         COMPRESSION_SERVICE,
     )
-    host.add(jobs_pb2_grpc.add_JobServiceServicer_to_server, JobServicer(queue), JOB_SERVICE)
+    host.add(jobs_pb2_grpc.add_JobServiceServicer_to_server, JobServicer(queue, async_client, settings), JOB_SERVICE)
 
     async def close() -> None:
+        await async_client.aclose()
         client.close()
 
     host.on_shutdown(close)

@@ -38,7 +38,7 @@ def _step(**kwargs: object) -> spec_pb2.CompressionStep:
     return spec_pb2.CompressionStep(**kwargs)  # type: ignore[arg-type]
 
 
-def _quant(method: int, bits: int = 0) -> spec_pb2.CompressionStep:
+def _quant(method: spec_pb2.QuantizationMethod.ValueType, bits: int = 0) -> spec_pb2.CompressionStep:
     return _step(quantization=spec_pb2.Quantization(method=method, bits=bits))
 
 
