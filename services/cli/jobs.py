@@ -1,15 +1,16 @@
 """``modelfleet jobs list|show|watch|cancel``: the JobService from the command line.
 
 ``jobs watch`` prints one progress line per event (JSON lines with ``--output json``) and
-exits with the job's outcome: 0 SUCCEEDED, 1 FAILED, 2 CANCELLED, 3 if the stream broke
-off before the job finished (server gone, network error).
+exits with the job's outcome: 0 SUCCEEDED, 1 FAILED, 2 CANCELLED, 3 if the call failed or
+the stream broke off before the job finished (unknown job, server gone, network error).
+The other actions exit 1 on a server error. Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -64,6 +65,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     for parser in (listing, show, watch, cancel):
         add_target(parser, "training_port")
         add_output(parser)
+        parser.set_defaults(handler=_errors_exit_1(parser.get_default("handler")))
+
+
+def _errors_exit_1(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except grpc.RpcError as exc:
+            _report(exc)
+            return 1
+
+    return run
+
+
+def _report(exc: grpc.RpcError) -> None:
+    print(f"modelfleet: {exc.code().name}: {exc.details()}", file=sys.stderr)
 
 
 def _stub(args: argparse.Namespace) -> tuple[jobs_pb2_grpc.JobServiceStub, grpc.Channel, Settings]:
@@ -133,9 +150,7 @@ def _watch(args: argparse.Namespace) -> int:
                 else:
                     print(progress_line(response.event), flush=True)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                raise
-            print(f"modelfleet: watch broke off: {exc.details()}", file=sys.stderr)
+            _report(exc)
             return EXIT_BROKEN
     return EXIT_CODES.get(last, EXIT_BROKEN)
 

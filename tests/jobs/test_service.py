@@ -13,6 +13,7 @@ from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from common.grpcserver import ServiceHost
 from common.jobs import JobContext, JobOutcome, JobQueue, Worker
 from common.redis import connect_async
+from services.cli.main import main
 from services.jobs import JobServicer
 from services.jobs.servicer import SERVICE_NAME
 from tests.jobs.helpers import outcome, training_job
@@ -21,20 +22,22 @@ S = jobs_pb2
 
 
 @pytest.fixture
-async def stub(queue: JobQueue) -> AsyncIterator[jobs_pb2_grpc.JobServiceStub]:
+async def server(queue: JobQueue) -> AsyncIterator[str]:
     client = connect_async(queue.settings.redis_url)
     host = ServiceHost(queue.settings, "jobs-test", 0)
-    host.add(
-        jobs_pb2_grpc.add_JobServiceServicer_to_server,
-        JobServicer(queue, client, queue.settings),
-        SERVICE_NAME,
-    )
+    servicer = JobServicer(queue, client, queue.settings)
+    host.add(jobs_pb2_grpc.add_JobServiceServicer_to_server, servicer, SERVICE_NAME)
     port = await host.start()
     await host.set_serving(True)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield jobs_pb2_grpc.JobServiceStub(channel)
+    yield f"127.0.0.1:{port}"
     await host.stop(0)
     await client.aclose()
+
+
+@pytest.fixture
+async def stub(server: str) -> AsyncIterator[jobs_pb2_grpc.JobServiceStub]:
+    async with grpc.aio.insecure_channel(server) as channel:
+        yield jobs_pb2_grpc.JobServiceStub(channel)
 
 
 def _progress_handler(ctx: JobContext) -> JobOutcome:
@@ -115,3 +118,30 @@ async def test_watch_ends_on_cancel_and_honours_client_cancellation(
         async for _ in stub.WatchJob(S.WatchJobRequest(job_id="0" * 32)):
             pass
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cli_list_show_cancel_and_watch_exit_codes(
+    server: str, queue: JobQueue, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def cli(*argv: str) -> int:
+        return main(["jobs", *argv, "--target", server])
+
+    job = queue.submit(training_job())
+    assert await asyncio.to_thread(cli, "list", "--output", "json") == 0
+    assert job.id in capsys.readouterr().out
+    assert await asyncio.to_thread(cli, "show", job.id) == 0
+    assert "QUEUED" in capsys.readouterr().out
+
+    thread = threading.Thread(target=Worker(queue, S.JOB_KIND_TRAINING, _progress_handler).run_once)
+    thread.start()
+    assert await asyncio.to_thread(cli, "watch", job.id, "--from-beginning") == 0
+    await asyncio.to_thread(thread.join, 10)
+    lines = capsys.readouterr().out.splitlines()
+    assert "epoch 2" in lines[-2] and lines[-1].startswith("[" + "#" * 30 + "] 100%  SUCCEEDED")
+
+    doomed = queue.submit(training_job())
+    assert await asyncio.to_thread(cli, "cancel", doomed.id, "--reason", "no") == 0
+    assert await asyncio.to_thread(cli, "watch", doomed.id) == 2
+    assert await asyncio.to_thread(cli, "cancel", doomed.id) == 1
+    assert "FAILED_PRECONDITION: job " in capsys.readouterr().err
+    assert await asyncio.to_thread(cli, "watch", "0" * 32) == 3
