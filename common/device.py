@@ -8,7 +8,7 @@ import torch
 from common.api.modelfleet.common.v1 import model_pb2
 from common.errors import FailedPrecondition
 
-_BY_ENUM = {
+_BY_ENUM: dict[int, str] = {
     model_pb2.DEVICE_AUTO: "auto",
     model_pb2.DEVICE_CPU: "cpu",
     model_pb2.DEVICE_CUDA: "cuda",
@@ -21,7 +21,7 @@ def resolve_device(default: str, requested: int = model_pb2.DEVICE_UNSPECIFIED) 
     ``auto`` means CUDA when available; asking for CUDA on a node without it is
     FAILED_PRECONDITION rather than a silent fallback.
     """
-    choice = _BY_ENUM.get(requested, default)
+    choice = _BY_ENUM.get(int(requested), default)
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
