@@ -1,5 +1,6 @@
-"""What every client command shares: channels built from settings, and output
-as a table or JSON (``--output json``) for scripts."""
+"""What every client command shares: channels built from settings (TLS and
+mutual TLS from the ``MODELFLEET_TLS_*`` client paths), the bearer token, and
+output as a table or JSON (``--output json``) for scripts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -45,13 +47,39 @@ def target_of(args: argparse.Namespace, settings: Settings) -> str:
     return args.target or f"127.0.0.1:{getattr(settings, args.port_field)}"
 
 
+def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """TLS credentials when a CA or a client certificate is configured, else None (plaintext)."""
+    if not settings.client_tls:
+        return None
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(settings.tls_ca_file),
+        private_key=read(settings.tls_client_key_file),
+        certificate_chain=read(settings.tls_client_cert_file),
+    )
+
+
+def connect(target: str, settings: Settings) -> grpc.Channel:
+    """A channel to ``target`` with the size limits and TLS from settings; every client uses this."""
+    options = channel_options(settings)
+    credentials = channel_credentials(settings)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    if settings.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
 def open_channel(args: argparse.Namespace, settings: Settings | None = None) -> grpc.Channel:
     settings = settings or Settings.from_env()
-    return grpc.insecure_channel(target_of(args, settings), options=channel_options(settings))
+    return connect(target_of(args, settings), settings)
 
 
 def call_metadata(settings: Settings | None = None) -> list[tuple[str, str]]:
-    """Bearer token from MODELFLEET_TOKEN, else the first configured server token."""
+    """Bearer token from MODELFLEET_TOKEN, else (development) the first plain server token."""
     configured = (settings or Settings.from_env()).auth_tokens
     token = os.environ.get("MODELFLEET_TOKEN") or next(iter(configured), "")
     return [("authorization", f"Bearer {token}")] if token else []

@@ -31,7 +31,7 @@ from common.api.modelfleet.training.v1 import training_pb2, training_pb2_grpc
 from common.api.modelfleet.training.v1 import training_spec_pb2 as tspec
 from common.errors import FailedPrecondition
 from common.settings import Settings
-from services.cli.client import call_metadata, channel_options, print_table
+from services.cli.client import call_metadata, connect, print_table
 from services.cli.fleet import Fleet
 from services.cli.progress import watch_job
 
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fleet_is_up(settings: Settings) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{settings.inference_port}") as channel:
+    with connect(f"127.0.0.1:{settings.inference_port}", settings) as channel:
         try:
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -73,10 +73,9 @@ class Demo:
         self.epochs = epochs
         self.world_size = world_size
         self.metadata = call_metadata(settings)
-        options = channel_options(settings)
 
         def channel(port: int) -> grpc.Channel:
-            return grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+            return connect(f"127.0.0.1:{port}", settings)
 
         self.data = data_pb2_grpc.DataServiceStub(channel(settings.data_port))
         training_channel = channel(settings.training_port)

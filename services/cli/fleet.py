@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.errors import FailedPrecondition, Unavailable
 from common.settings import Settings
+from services.cli.client import connect
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Fleet:
     def _wait_healthy(self, name: str, port: int) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         target = f"127.0.0.1:{port}"
-        with grpc.insecure_channel(target) as channel:
+        with connect(target, self.settings) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 child = self.children[name]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from common.errors import ModelfleetError
 
 # Command-group modules, in help order.
-MODULES = ("up", "demo", "serve", "datasets", "models", "jobs")
+MODULES = ("up", "demo", "serve", "datasets", "models", "jobs", "auth")
 
 
 def build_parser() -> argparse.ArgumentParser:
