@@ -12,6 +12,7 @@ import redis
 from redis.client import Pipeline
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2
+from common.auth import current_principal
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from common.jobs.keys import GROUP, JobKeys, effective_priority, kind_name
 from common.jobs.records import TERMINAL, Fields, atomic, decode, emit, now, save, state_name
@@ -94,6 +95,8 @@ class JobQueue:
         # Only the spec and the submit options come from the caller.
         for name in _SERVER_FIELDS:
             record.ClearField(name)
+        # Set by the gRPC interceptor for this call; CancelJob checks it.
+        record.submitted_by = current_principal().name
         record.created_at.CopyFrom(stamp)
         record.updated_at.CopyFrom(stamp)
         event = jobs_pb2.JobEvent(job_id=record.id, type=jobs_pb2.JOB_EVENT_TYPE_STATE, state=record.state)

@@ -11,6 +11,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from common.auth import check_job_owner
 from common.jobs import JobQueue, watch_job
 from common.settings import Settings
 
@@ -49,5 +50,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.CancelJobResponse:
+        # Submitters may cancel only their own jobs (the interceptor already required submitter).
+        owned = await asyncio.to_thread(self.queue.get, request.job_id)
+        check_job_owner(owned.id, owned.submitted_by)
         job = await asyncio.to_thread(self.queue.cancel, request.job_id, request.reason)
         return jobs_pb2.CancelJobResponse(job=job)

@@ -27,7 +27,7 @@ from common.api.modelfleet.training.v1 import training_spec_pb2 as modelfleet_do
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as modelfleet_dot_compression_dot_v1_dot_compression__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelfleet/jobs/v1/jobs.proto\x12\x12modelfleet.jobs.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a*modelfleet/training/v1/training_spec.proto\x1a\x30modelfleet/compression/v1/compression_spec.proto\"6\n\tJobResult\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb4\x06\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.modelfleet.jobs.v1.JobKind\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.JobState\x12.\n\x08priority\x18\x04 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x10\n\x08progress\x18\t \x01(\x01\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x08training\x18\x0e \x01(\x0b\x32$.modelfleet.training.v1.TrainingSpecH\x00\x12\x41\n\x0b\x63ompression\x18\x0f \x01(\x0b\x32*.modelfleet.compression.v1.CompressionSpecH\x00\x12-\n\x06result\x18\x10 \x01(\x0b\x32\x1d.modelfleet.jobs.v1.JobResult\x12\x35\n\x07metrics\x18\x11 \x03(\x0b\x32$.modelfleet.jobs.v1.Job.MetricsEntry\x12\x11\n\tworker_id\x18\x12 \x01(\t\x12H\n\x12\x63ompression_report\x18\x13 \x01(\x0b\x32,.modelfleet.compression.v1.CompressionReport\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x06\n\x04spec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x0eGetJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job\"\x91\x01\n\x0fListJobsRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.modelfleet.jobs.v1.JobKind\x12,\n\x06states\x18\x02 \x03(\x0e\x32\x1c.modelfleet.jobs.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"R\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.modelfleet.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbf\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x04type\x18\x02 \x01(\x0e\x32 .modelfleet.jobs.v1.JobEventType\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05state\x18\x04 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.JobState\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\r\n\x05\x65poch\x18\x06 \x01(\x05\x12:\n\x07metrics\x18\x07 \x03(\x0b\x32).modelfleet.jobs.v1.JobEvent.MetricsEntry\x12\x0f\n\x07message\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rom_beginning\x18\x02 \x01(\x08\"e\n\x10WatchJobResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.modelfleet.jobs.v1.JobEvent\x12$\n\x03job\x18\x02 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x11\x43\x61ncelJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job*T\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_KIND_TRAINING\x10\x01\x12\x18\n\x14JOB_KIND_COMPRESSION\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*}\n\x0cJobEventType\x12\x1e\n\x1aJOB_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_EVENT_TYPE_STATE\x10\x01\x12\x1b\n\x17JOB_EVENT_TYPE_PROGRESS\x10\x02\x12\x16\n\x12JOB_EVENT_TYPE_LOG\x10\x03\x32\xef\x02\n\nJobService\x12Q\n\x06GetJob\x12!.modelfleet.jobs.v1.GetJobRequest\x1a\".modelfleet.jobs.v1.GetJobResponse\"\x00\x12W\n\x08ListJobs\x12#.modelfleet.jobs.v1.ListJobsRequest\x1a$.modelfleet.jobs.v1.ListJobsResponse\"\x00\x12Y\n\x08WatchJob\x12#.modelfleet.jobs.v1.WatchJobRequest\x1a$.modelfleet.jobs.v1.WatchJobResponse\"\x00\x30\x01\x12Z\n\tCancelJob\x12$.modelfleet.jobs.v1.CancelJobRequest\x1a%.modelfleet.jobs.v1.CancelJobResponse\"\x00\x42\x43ZAgithub.com/modelfleet/modelfleet/gen/go/modelfleet/jobs/v1;jobsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelfleet/jobs/v1/jobs.proto\x12\x12modelfleet.jobs.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a*modelfleet/training/v1/training_spec.proto\x1a\x30modelfleet/compression/v1/compression_spec.proto\"6\n\tJobResult\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xca\x06\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.modelfleet.jobs.v1.JobKind\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.JobState\x12.\n\x08priority\x18\x04 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x10\n\x08progress\x18\t \x01(\x01\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x08training\x18\x0e \x01(\x0b\x32$.modelfleet.training.v1.TrainingSpecH\x00\x12\x41\n\x0b\x63ompression\x18\x0f \x01(\x0b\x32*.modelfleet.compression.v1.CompressionSpecH\x00\x12-\n\x06result\x18\x10 \x01(\x0b\x32\x1d.modelfleet.jobs.v1.JobResult\x12\x35\n\x07metrics\x18\x11 \x03(\x0b\x32$.modelfleet.jobs.v1.Job.MetricsEntry\x12\x11\n\tworker_id\x18\x12 \x01(\t\x12H\n\x12\x63ompression_report\x18\x13 \x01(\x0b\x32,.modelfleet.compression.v1.CompressionReport\x12\x14\n\x0csubmitted_by\x18\x14 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x06\n\x04spec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x0eGetJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job\"\x91\x01\n\x0fListJobsRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.modelfleet.jobs.v1.JobKind\x12,\n\x06states\x18\x02 \x03(\x0e\x32\x1c.modelfleet.jobs.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"R\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.modelfleet.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbf\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x04type\x18\x02 \x01(\x0e\x32 .modelfleet.jobs.v1.JobEventType\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05state\x18\x04 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.JobState\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\r\n\x05\x65poch\x18\x06 \x01(\x05\x12:\n\x07metrics\x18\x07 \x03(\x0b\x32).modelfleet.jobs.v1.JobEvent.MetricsEntry\x12\x0f\n\x07message\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rom_beginning\x18\x02 \x01(\x08\"e\n\x10WatchJobResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.modelfleet.jobs.v1.JobEvent\x12$\n\x03job\x18\x02 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x11\x43\x61ncelJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job*T\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_KIND_TRAINING\x10\x01\x12\x18\n\x14JOB_KIND_COMPRESSION\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*}\n\x0cJobEventType\x12\x1e\n\x1aJOB_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_EVENT_TYPE_STATE\x10\x01\x12\x1b\n\x17JOB_EVENT_TYPE_PROGRESS\x10\x02\x12\x16\n\x12JOB_EVENT_TYPE_LOG\x10\x03\x32\xef\x02\n\nJobService\x12Q\n\x06GetJob\x12!.modelfleet.jobs.v1.GetJobRequest\x1a\".modelfleet.jobs.v1.GetJobResponse\"\x00\x12W\n\x08ListJobs\x12#.modelfleet.jobs.v1.ListJobsRequest\x1a$.modelfleet.jobs.v1.ListJobsResponse\"\x00\x12Y\n\x08WatchJob\x12#.modelfleet.jobs.v1.WatchJobRequest\x1a$.modelfleet.jobs.v1.WatchJobResponse\"\x00\x30\x01\x12Z\n\tCancelJob\x12$.modelfleet.jobs.v1.CancelJobRequest\x1a%.modelfleet.jobs.v1.CancelJobResponse\"\x00\x42\x43ZAgithub.com/modelfleet/modelfleet/gen/go/modelfleet/jobs/v1;jobsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,40 +39,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_JOBEVENT_METRICSENTRY']._loaded_options = None
   _globals['_JOBEVENT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBKIND']._serialized_start=1975
-  _globals['_JOBKIND']._serialized_end=2059
-  _globals['_JOBSTATE']._serialized_start=2062
-  _globals['_JOBSTATE']._serialized_end=2216
-  _globals['_PRIORITY']._serialized_start=2218
-  _globals['_PRIORITY']._serialized_end=2312
-  _globals['_JOBEVENTTYPE']._serialized_start=2314
-  _globals['_JOBEVENTTYPE']._serialized_end=2439
+  _globals['_JOBKIND']._serialized_start=1997
+  _globals['_JOBKIND']._serialized_end=2081
+  _globals['_JOBSTATE']._serialized_start=2084
+  _globals['_JOBSTATE']._serialized_end=2238
+  _globals['_PRIORITY']._serialized_start=2240
+  _globals['_PRIORITY']._serialized_end=2334
+  _globals['_JOBEVENTTYPE']._serialized_start=2336
+  _globals['_JOBEVENTTYPE']._serialized_end=2461
   _globals['_JOBRESULT']._serialized_start=180
   _globals['_JOBRESULT']._serialized_end=234
   _globals['_JOB']._serialized_start=237
-  _globals['_JOB']._serialized_end=1057
-  _globals['_JOB_METRICSENTRY']._serialized_start=1003
-  _globals['_JOB_METRICSENTRY']._serialized_end=1049
-  _globals['_GETJOBREQUEST']._serialized_start=1059
-  _globals['_GETJOBREQUEST']._serialized_end=1090
-  _globals['_GETJOBRESPONSE']._serialized_start=1092
-  _globals['_GETJOBRESPONSE']._serialized_end=1146
-  _globals['_LISTJOBSREQUEST']._serialized_start=1149
-  _globals['_LISTJOBSREQUEST']._serialized_end=1294
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1296
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1378
-  _globals['_JOBEVENT']._serialized_start=1381
-  _globals['_JOBEVENT']._serialized_end=1700
-  _globals['_JOBEVENT_METRICSENTRY']._serialized_start=1003
-  _globals['_JOBEVENT_METRICSENTRY']._serialized_end=1049
-  _globals['_WATCHJOBREQUEST']._serialized_start=1702
-  _globals['_WATCHJOBREQUEST']._serialized_end=1759
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1761
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1862
-  _globals['_CANCELJOBREQUEST']._serialized_start=1864
-  _globals['_CANCELJOBREQUEST']._serialized_end=1914
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1916
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1973
-  _globals['_JOBSERVICE']._serialized_start=2442
-  _globals['_JOBSERVICE']._serialized_end=2809
+  _globals['_JOB']._serialized_end=1079
+  _globals['_JOB_METRICSENTRY']._serialized_start=1025
+  _globals['_JOB_METRICSENTRY']._serialized_end=1071
+  _globals['_GETJOBREQUEST']._serialized_start=1081
+  _globals['_GETJOBREQUEST']._serialized_end=1112
+  _globals['_GETJOBRESPONSE']._serialized_start=1114
+  _globals['_GETJOBRESPONSE']._serialized_end=1168
+  _globals['_LISTJOBSREQUEST']._serialized_start=1171
+  _globals['_LISTJOBSREQUEST']._serialized_end=1316
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1318
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1400
+  _globals['_JOBEVENT']._serialized_start=1403
+  _globals['_JOBEVENT']._serialized_end=1722
+  _globals['_JOBEVENT_METRICSENTRY']._serialized_start=1025
+  _globals['_JOBEVENT_METRICSENTRY']._serialized_end=1071
+  _globals['_WATCHJOBREQUEST']._serialized_start=1724
+  _globals['_WATCHJOBREQUEST']._serialized_end=1781
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1783
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1884
+  _globals['_CANCELJOBREQUEST']._serialized_start=1886
+  _globals['_CANCELJOBREQUEST']._serialized_end=1936
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1938
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1995
+  _globals['_JOBSERVICE']._serialized_start=2464
+  _globals['_JOBSERVICE']._serialized_end=2831
 # @@protoc_insertion_point(module_scope)

@@ -180,6 +180,7 @@ class Job(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     COMPRESSION_REPORT_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     kind: Global___JobKind.ValueType
@@ -197,6 +198,10 @@ class Job(_message.Message):
     """Fraction done, in [0, 1]."""
     worker_id: _builtins.str
     """Worker that holds or last held the job."""
+    submitted_by: _builtins.str
+    """Client name of the API token that submitted the job (server-set; "anonymous"
+    when auth is off). Only this client or an admin may cancel the job.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -243,10 +248,11 @@ class Job(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         worker_id: _builtins.str = ...,
         compression_report: _compression_spec_pb2.CompressionReport | None = ...,
+        submitted_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "compression_report", b"compression_report", "created_at", b"created_at", "finished_at", b"finished_at", "result", b"result", "spec", b"spec", "started_at", b"started_at", "training", b"training", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compression", b"compression", "compression_report", b"compression_report", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "last_error", b"last_error", "max_attempts", b"max_attempts", "metrics", b"metrics", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "training", b"training", "updated_at", b"updated_at", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compression", b"compression", "compression_report", b"compression_report", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "last_error", b"last_error", "max_attempts", b"max_attempts", "metrics", b"metrics", "priority", b"priority", "progress", b"progress", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by", "training", b"training", "updated_at", b"updated_at", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_spec: _TypeAlias = _typing.Literal["training", "compression"]  # noqa: Y015
     _WhichOneofArgType_spec: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
