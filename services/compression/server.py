@@ -34,7 +34,11 @@ async def build(settings: Settings) -> ServiceHost:
         CompressionServicer(submitter),
         COMPRESSION_SERVICE,
     )
-    host.add(jobs_pb2_grpc.add_JobServiceServicer_to_server, JobServicer(queue, async_client, settings), JOB_SERVICE)
+    host.add(
+        jobs_pb2_grpc.add_JobServiceServicer_to_server,
+        JobServicer(queue, async_client, settings),
+        JOB_SERVICE,
+    )
 
     async def close() -> None:
         await async_client.aclose()
