@@ -23,7 +23,8 @@ S = jobs_pb2
 
 def events_of(client: redis.Redis, queue: JobQueue, job_id: str) -> list[jobs_pb2.JobEvent]:
     out = []
-    for _, values in client.xrange(queue.keys.events(job_id)):  # type: ignore[union-attr]
+    entries: Any = client.xrange(queue.keys.events(job_id))
+    for _, values in entries:
         event = jobs_pb2.JobEvent()
         event.ParseFromString(values[b"event"])
         out.append(event)
@@ -108,9 +109,9 @@ def test_retries_with_exponential_backoff_then_dead_letter(
     retries = [e.message for e in events_of(redis_client, queue, job.id) if e.state == S.JOB_STATE_QUEUED][1:]
     # backoff = job_retry_backoff_s (0.05) * 2^(attempt-1)
     assert [m.split(" after")[0] for m in retries] == ["retry in 0.05s", "retry in 0.1s"]
-    dead = redis_client.xrange(queue.keys.dead)
-    assert len(dead) == 1  # type: ignore[arg-type]
-    fields = dead[0][1]  # type: ignore[index]
+    dead: Any = redis_client.xrange(queue.keys.dead)
+    assert len(dead) == 1
+    fields = dead[0][1]
     assert fields[b"job"].decode() == job.id and b"boom 3" in fields[b"reason"]
 
 
@@ -170,7 +171,8 @@ def test_cancel_running_job(queue: JobQueue, redis_client: redis.Redis, finish_a
     assert done.state == S.JOB_STATE_CANCELLED and done.last_error == "user asked"
     assert not done.HasField("result")
     stream = queue.keys.stream(TRAINING, 0)
-    assert redis_client.xpending(stream, GROUP)["pending"] == 0  # type: ignore[index]
+    pending: Any = redis_client.xpending(stream, GROUP)
+    assert pending["pending"] == 0
 
 
 def test_a_reclaimed_attempt_cannot_complete_and_nothing_completes_twice(

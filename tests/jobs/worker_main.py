@@ -25,7 +25,7 @@ from common.redis import connect
 from common.settings import Settings
 
 
-def make_handler(client: redis.Redis, prefix: str, worker_id: str):  # type: ignore[no-untyped-def]
+def make_handler(client: redis.Redis, prefix: str, worker_id: str):
     def handle(ctx: JobContext) -> JobOutcome:
         mark = f"{ctx.job.id}:{ctx.attempt}:{worker_id}"
         client.rpush(f"{prefix}:test:started", mark)
