@@ -210,7 +210,7 @@ class Demo:
         return x.astype(np.float32), np.concatenate(ys)
 
     def finish(self, job: jobs_pb2.Job) -> str:
-        final = watch_job(self.jobs, job.id, self.metadata, sys.stdout)
+        final = watch_job(self.jobs, jobs_pb2.WatchJobRequest(job_id=job.id), self.metadata, sys.stdout)
         if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
             state = jobs_pb2.JobState.Name(final.state)
             raise FailedPrecondition(f"job {job.id} ended {state}: {final.last_error}")

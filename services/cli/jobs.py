@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from common.settings import Settings
@@ -25,6 +26,7 @@ from services.cli.client import (
     print_table,
     to_dict,
 )
+from services.cli.progress import state_name, watch_job
 
 EXIT_CODES = {jobs_pb2.JOB_STATE_SUCCEEDED: 0, jobs_pb2.JOB_STATE_FAILED: 1, jobs_pb2.JOB_STATE_CANCELLED: 2}
 EXIT_BROKEN = 3
@@ -32,7 +34,6 @@ _KINDS = {"training": jobs_pb2.JOB_KIND_TRAINING, "compression": jobs_pb2.JOB_KI
 _STATES = {
     name.removeprefix("JOB_STATE_").lower(): value for name, value in jobs_pb2.JobState.items() if value
 }
-_BAR = 30
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +104,7 @@ def _list(args: argparse.Namespace) -> int:
         print_json(to_dict(reply))
         return 0
     rows = [
-        (j.id, _kind(j.kind), _state(j.state), f"{j.progress:.0%}", j.attempts, j.created_at.ToJsonString())
+        (j.id, _kind(j.kind), state_name(j.state), f"{j.progress:.0%}", j.attempts, _time(j.created_at))
         for j in reply.jobs
     ]
     print_table(("id", "kind", "state", "progress", "attempts", "created"), rows)
@@ -122,7 +123,7 @@ def _show(args: argparse.Namespace) -> int:
     rows = [
         ("id", job.id),
         ("kind", _kind(job.kind)),
-        ("state", _state(job.state)),
+        ("state", state_name(job.state)),
         ("progress", f"{job.progress:.0%}"),
         ("attempts", f"{job.attempts}/{job.max_attempts}"),
         ("worker", job.worker_id),
@@ -137,22 +138,13 @@ def _show(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     stub, channel, settings = _stub(args)
     request = jobs_pb2.WatchJobRequest(job_id=args.job_id, from_beginning=args.from_beginning)
-    last = jobs_pb2.JOB_STATE_UNSPECIFIED
     with channel:
         try:
-            responses: Iterable[jobs_pb2.WatchJobResponse] = stub.WatchJob(
-                request, metadata=call_metadata(settings)
-            )
-            for response in responses:
-                last = response.job.state
-                if args.output == "json":
-                    print_json(to_dict(response))
-                else:
-                    print(progress_line(response.event), flush=True)
+            job = watch_job(stub, request, call_metadata(settings), sys.stdout, as_json=args.output == "json")
         except grpc.RpcError as exc:
             _report(exc)
             return EXIT_BROKEN
-    return EXIT_CODES.get(last, EXIT_BROKEN)
+    return EXIT_CODES.get(job.state, EXIT_BROKEN)
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -163,24 +155,12 @@ def _cancel(args: argparse.Namespace) -> int:
     if args.output == "json":
         print_json(to_dict(job))
     else:
-        print(f"{job.id} {_state(job.state)}")
+        print(f"{job.id} {state_name(job.state)}")
     return 0
 
 
-def progress_line(event: jobs_pb2.JobEvent) -> str:
-    """``[#########.....]  60% RUNNING  epoch 3  train_loss=0.12  message``."""
-    filled = round(min(max(event.progress, 0.0), 1.0) * _BAR)
-    parts = [f"[{'#' * filled}{'.' * (_BAR - filled)}] {event.progress:4.0%}", _state(event.state)]
-    if event.epoch:
-        parts.append(f"epoch {event.epoch}")
-    parts += [f"{k}={v:.4g}" for k, v in sorted(event.metrics.items())]
-    if event.message:
-        parts.append(event.message)
-    return "  ".join(parts)
-
-
-def _state(state: int) -> str:
-    return str(jobs_pb2.JobState.Name(state)).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+def _time(stamp: Timestamp) -> str:
+    return stamp.ToJsonString()
 
 
 def _kind(kind: int) -> str:

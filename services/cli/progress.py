@@ -1,27 +1,27 @@
-"""Follow a job over JobService.WatchJob and draw a progress bar."""
+"""Follow a job over JobService.WatchJob, one progress-bar line per event."""
 
 from __future__ import annotations
 
 from typing import TextIO
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from services.cli.client import print_json, to_dict
 
 TERMINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 BAR_WIDTH = 30
-# Metrics worth a place on the bar line, in order.
-SHOWN = ("train_loss", "val_loss", "val_accuracy", "val_mse", "samples_per_second")
 
 
-def render(job: jobs_pb2.Job, event: jobs_pb2.JobEvent) -> str:
-    fraction = min(max(job.progress, 0.0), 1.0)
-    filled = round(fraction * BAR_WIDTH)
-    bar = "#" * filled + "." * (BAR_WIDTH - filled)
-    state = jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
-    parts = [f"[{bar}] {fraction * 100:5.1f}% {state}"]
+def state_name(state: int) -> str:
+    return str(jobs_pb2.JobState.Name(state)).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def progress_line(event: jobs_pb2.JobEvent) -> str:
+    """``[#########.....]  60% RUNNING  epoch 3  train_loss=0.12  message``."""
+    filled = round(min(max(event.progress, 0.0), 1.0) * BAR_WIDTH)
+    parts = [f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {event.progress:4.0%}", state_name(event.state)]
     if event.epoch:
         parts.append(f"epoch {event.epoch}")
-    metrics = dict(event.metrics) or dict(job.metrics)
-    parts.extend(f"{name}={metrics[name]:.4g}" for name in SHOWN if name in metrics)
+    parts += [f"{k}={v:.4g}" for k, v in sorted(event.metrics.items())]
     if event.message:
         parts.append(event.message)
     return "  ".join(parts)
@@ -29,25 +29,27 @@ def render(job: jobs_pb2.Job, event: jobs_pb2.JobEvent) -> str:
 
 def watch_job(
     stub: jobs_pb2_grpc.JobServiceStub,
-    job_id: str,
+    request: jobs_pb2.WatchJobRequest,
     metadata: list[tuple[str, str]],
     out: TextIO,
-    timeout_s: float | None = None,
+    as_json: bool = False,
 ) -> jobs_pb2.Job:
-    """Stream a job's events until it is terminal; returns the final record.
-    On a terminal stream the line is redrawn in place (\\r)."""
+    """Stream a job's events until it is terminal and return the last record
+    seen (state UNSPECIFIED if the stream ended before any event). On a
+    terminal, the bar is redrawn in place; elsewhere it prints a line per event.
+    gRPC errors propagate."""
     job = jobs_pb2.Job()
-    interactive = out.isatty()
-    request = jobs_pb2.WatchJobRequest(job_id=job_id)
-    for response in stub.WatchJob(request, metadata=metadata, timeout=timeout_s):
+    in_place = out.isatty() and not as_json
+    for response in stub.WatchJob(request, metadata=metadata):
         job = response.job
-        line = render(job, response.event)
-        out.write(("\r\033[K" + line) if interactive else (line + "\n"))
-        out.flush()
-        if job.state in TERMINAL:
+        if as_json:
+            print_json(to_dict(response))
+        else:
+            line = progress_line(response.event)
+            out.write(("\r\033[K" + line) if in_place else (line + "\n"))
+            out.flush()
+        if response.event.state in TERMINAL:  # `job` is the live record, even on replayed events
             break
-    if interactive:
+    if in_place:
         out.write("\n")
-    if job.state not in TERMINAL:
-        job = stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=metadata).job
     return job
