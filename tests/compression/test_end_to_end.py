@@ -119,7 +119,7 @@ async def test_compression_job_registers_a_version_the_inference_server_serves(
 
     # What the inference server answers is what the stored int8 module computes.
     stored = load_compressed(version, store.path(version.artifact_digest), torch.device("cpu"))
-    assert load_model(version, store, torch.device("cpu")).module.runtime == "int8_dynamic"  # type: ignore[union-attr]
+    assert getattr(load_model(version, store, torch.device("cpu")).module, "runtime", "") == "int8_dynamic"
     x = np.random.default_rng(0).normal(size=(5, FEATURES)).astype(np.float32)
     with torch.no_grad():
         expected = stored(torch.from_numpy(x)).numpy()
