@@ -1,0 +1,138 @@
+"""Dynamic batching: batches form under concurrency (checked on the statistics),
+priority order, timeouts and cancellation drop work before it runs, bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from common.api.inference import grpc_predict_v2_pb2 as pb
+from common.api.modelfleet.common.v1 import model_pb2
+from common.artifacts import ArtifactStore
+from common.errors import DeadlineExceeded, ResourceExhausted
+from common.models.loading import LoadedModel
+from common.registry import ModelRegistry
+from services.inference.batcher import Batcher
+from services.inference.codec import Signature
+from services.inference.stats import VersionStats
+from tests.inference.conftest import register_mlp
+
+pytestmark = pytest.mark.timeout(60)
+
+Tensor = pb.ModelInferRequest.InferInputTensor
+
+
+def one_row(value: float, **params: pb.InferParameter) -> pb.ModelInferRequest:
+    x = np.full((1, 4), value, dtype="<f4")
+    return pb.ModelInferRequest(
+        model_name="m",
+        inputs=[Tensor(name="input", datatype="FP32", shape=[1, 4])],
+        raw_input_contents=[x.tobytes()],
+        parameters=params,
+    )
+
+
+async def test_concurrent_requests_form_one_batch(serve, registry: ModelRegistry, store: ArtifactStore) -> None:
+    register_mlp(registry, store, "m")
+    # A long delay makes the idle model wait until the batch is full: the batch
+    # size is then fixed by the count of requests, not by timing.
+    async with serve(max_batch_size=8, max_queue_delay_us=60_000_000) as srv:
+        responses = await asyncio.gather(*(srv.stub.ModelInfer(one_row(i)) for i in range(8)))
+        assert len(responses) == 8
+        stats = (await srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="m", version="1"))).model_stats[0]
+        assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(8, 1)]
+        assert stats.execution_count == 1 and stats.inference_count == 8
+        assert stats.inference_stats.success.count == 8
+        assert stats.inference_stats.compute_infer.count == 8
+
+
+async def test_queue_full_is_resource_exhausted(serve, registry: ModelRegistry, store: ArtifactStore) -> None:
+    register_mlp(registry, store, "m")
+    async with serve(max_batch_size=16, max_queue_delay_us=60_000_000, max_queue_size=3) as srv:
+        # Five at once into a queue of three: exactly two bounce, three wait for the batch.
+        calls = [asyncio.ensure_future(srv.stub.ModelInfer(one_row(i))) for i in range(5)]
+        done: set[asyncio.Future] = set()
+        pending = set(calls)
+        while len(done) < 2:
+            finished, pending = await asyncio.wait(pending, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert finished, "rejections did not arrive"
+            done |= finished
+        assert len(done) == 2
+        for call in done:
+            exc = call.exception()
+            assert isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "full" in (exc.details() or "")
+        for call in pending:
+            call.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _recording_batcher(loop: asyncio.AbstractEventLoop, seen: list[float]) -> Batcher:
+    class Record(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.extend(x[:, 0].tolist())
+            return x
+
+    spec = model_pb2.TensorSpec(name="input", datatype="FP32", shape=[-1, 4])
+    out = model_pb2.TensorSpec(name="output", datatype="FP32", shape=[-1, 4])
+    model = LoadedModel(Record(), [spec], [out], torch.device("cpu"))
+    return Batcher(
+        "rec", "1", model, Signature("rec", [spec], [out]), VersionStats("rec", "1"),
+        max_batch_size=1, max_queue_delay_us=0, max_queue_size=100, loop=loop,
+    )
+
+
+async def test_priority_timeout_and_cancellation() -> None:
+    seen: list[float] = []
+    batcher = _recording_batcher(asyncio.get_running_loop(), seen)
+
+    def submit(value: float, priority: int = 0, deadline_ns: int = 0) -> asyncio.Future:
+        return batcher.submit([np.full((1, 4), value, np.float32)], 1, None, priority, deadline_ns)
+
+    # Queued before the thread starts, so the order below is decided by the queue alone.
+    low = submit(1.0, priority=0)
+    high = submit(2.0, priority=5)
+    expired = submit(3.0, deadline_ns=time.perf_counter_ns())
+    cancelled = submit(4.0, priority=9)
+    cancelled.cancel()
+    mid = submit(5.0, priority=1)
+    batcher.start()
+    await asyncio.wait_for(asyncio.gather(low, high, mid), timeout=30)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(expired, timeout=30)
+    assert seen == [2.0, 5.0, 1.0]  # highest priority first; expired and cancelled never ran
+    stats = batcher.stats.proto()
+    assert stats.inference_stats.success.count == 3
+    assert stats.inference_stats.fail.count == 2
+    batcher.close()
+    await batcher.join(10)
+    with pytest.raises(Exception, match="unloading"):
+        submit(6.0)
+
+
+async def test_bounded_queue_in_process() -> None:
+    batcher = _recording_batcher(asyncio.get_running_loop(), [])
+    futures = [batcher.submit([np.zeros((1, 4), np.float32)], 1, None, 0, 0) for _ in range(100)]
+    with pytest.raises(ResourceExhausted):
+        batcher.submit([np.zeros((1, 4), np.float32)], 1, None, 0, 0)
+    batcher.start()
+    await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+    batcher.close()
+    await batcher.join(10)
+
+
+async def test_timeout_parameter_over_grpc(serve, registry: ModelRegistry, store: ArtifactStore) -> None:
+    register_mlp(registry, store, "m")
+    async with serve(max_batch_size=4, max_queue_delay_us=60_000_000) as srv:
+        # One microsecond: expired by the time the four queued rows are taken as a batch.
+        call = srv.stub.ModelInfer(one_row(1.0, timeout=pb.InferParameter(int64_param=1)))
+        fill = [srv.stub.ModelInfer(one_row(float(i))) for i in range(3)]
+        results = await asyncio.gather(call, *fill, return_exceptions=True)
+        assert isinstance(results[0], grpc.aio.AioRpcError)
+        assert results[0].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert all(isinstance(r, pb.ModelInferResponse) for r in results[1:])
