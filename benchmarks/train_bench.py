@@ -1,0 +1,213 @@
+"""Training throughput: samples/s of a training job through the service (real
+gRPC server, real `modelfleet worker training` subprocess, DDP ranks reading
+memory-mapped shards) against a plain single-process torch loop on the same
+data and model, in the same run; for world_size 1 and 2.
+
+The dataset is the data service's synthetic regression (x in R^d, y = linear +
+noise), z-scored and split by the data service's own preprocessing. Two figures
+per job: the trainer's per-epoch samples/s (median over epochs; the training
+loop only) and end to end (rows x epochs over the job's RUNNING time, so it
+includes spawning ranks, checkpoints, validation and registration).
+Needs a Redis at MODELFLEET_REDIS_URL; uses its own key prefix and removes it.
+
+    python benchmarks/train_bench.py [--rows 40000] [--features 64] [--epochs 4] [--batch-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+# Run as a script from anywhere: the repository root holds the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.api.modelfleet.common.v1 import model_pb2
+from common.api.modelfleet.data.v1 import data_pb2
+from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from common.api.modelfleet.training.v1 import training_pb2, training_pb2_grpc
+from common.api.modelfleet.training.v1 import training_spec_pb2 as ts
+from common.artifacts import ArtifactStore
+from common.datasets import DatasetCatalog, load_split
+from common.models.mlp import MLP
+from common.redis import connect
+from common.settings import Settings
+from services.data.service import DataService
+from services.training.server import build
+from services.training.spec import resolve_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+JOB_TIMEOUT_S = 900.0
+
+
+def make_dataset(settings: Settings, rows: int, features: int) -> None:
+    client = connect(settings.redis_url)
+    service = DataService(
+        ArtifactStore(settings.artifact_root),
+        DatasetCatalog(client, settings.redis_prefix),
+        settings.max_upload_bytes,
+    )
+    service.create_from_source(
+        data_pb2.CreateDatasetFromSourceRequest(
+            name="bench-raw",
+            source=data_pb2.BUILTIN_SOURCE_SYNTHETIC_REGRESSION,
+            synthetic=data_pb2.SyntheticRegression(n_samples=rows, n_features=features, seed=0),
+        )
+    )
+    service.preprocess(
+        data_pb2.PreprocessDatasetRequest(
+            name="bench-raw",
+            target_name="bench",
+            normalization=model_pb2.NORMALIZATION_KIND_ZSCORE,
+            split=data_pb2.SplitSpec(val_fraction=0.1, test_fraction=0.1, seed=0),
+        )
+    )
+    client.close()
+
+
+def bench_spec(args: argparse.Namespace, world_size: int) -> ts.TrainingSpec:
+    spec = ts.TrainingSpec(
+        dataset_name="bench",
+        model_name=f"bench-ws{world_size}",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        world_size=world_size,
+        learning_rate=1e-3,
+        seed=0,
+    )
+    spec.architecture.mlp.hidden_sizes.extend([128, 64])
+    return spec
+
+
+def plain_loop(settings: Settings, spec: ts.TrainingSpec) -> list[float]:
+    """The reference: one process, the whole train split in memory as a tensor,
+    randperm batches, same model, optimizer, loss and batch size. Samples/s per epoch."""
+    client = connect(settings.redis_url)
+    bound, record = resolve_spec(DatasetCatalog(client, settings.redis_prefix), spec)
+    client.close()
+    features, labels = load_split(ArtifactStore(settings.artifact_root), record, "train")
+    assert labels is not None
+    x = torch.from_numpy(np.array(features))
+    y = torch.from_numpy(np.array(labels))
+    torch.manual_seed(0)
+    model = MLP(bound.architecture.mlp)
+    optimizer = torch.optim.Adam(model.parameters(), lr=bound.learning_rate)
+    rates = []
+    for _ in range(bound.epochs):
+        started = time.perf_counter()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), bound.batch_size):
+            idx = order[i : i + bound.batch_size]
+            loss = torch.nn.functional.mse_loss(model.layers(x[idx]).squeeze(-1), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        rates.append(len(x) / (time.perf_counter() - started))
+    return rates
+
+
+async def run_job(
+    channel: grpc.aio.Channel, spec: ts.TrainingSpec, train_rows: int
+) -> tuple[list[float], float]:
+    """Per-epoch samples/s reported by the trainer, and end-to-end samples/s."""
+    training = training_pb2_grpc.TrainingServiceStub(channel)
+    jobs = jobs_pb2_grpc.JobServiceStub(channel)
+    job = (await training.SubmitTrainingJob(training_pb2.SubmitTrainingJobRequest(spec=spec))).job
+    rates: list[float] = []
+    final = job
+    async with asyncio.timeout(JOB_TIMEOUT_S):
+        async for response in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id, from_beginning=True)):
+            event = response.event
+            if event.type == jobs_pb2.JOB_EVENT_TYPE_PROGRESS and "samples_per_second" in event.metrics:
+                rates.append(event.metrics["samples_per_second"])
+            final = response.job
+            if final.state in TERMINAL:
+                break
+    if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"job {job.id} ended {jobs_pb2.JobState.Name(final.state)}: {final.last_error}")
+    running_s = (final.finished_at.ToNanoseconds() - final.started_at.ToNanoseconds()) / 1e9
+    return rates, train_rows * spec.epochs / running_s
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=40_000)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="mf-train-bench-"))
+    base = Settings.from_env()
+    settings = base.replace(
+        redis_prefix=f"mfbench{uuid.uuid4().hex[:8]}",
+        artifact_root=root / "artifacts",
+        training_port=0,
+        metrics_port=0,
+        host="127.0.0.1",
+        log_format="text",
+        log_level="WARNING",
+    )
+    torch.set_num_threads(settings.torch_threads)
+    worker: subprocess.Popen[bytes] | None = None
+    host = None
+    try:
+        make_dataset(settings, args.rows, args.features)
+        train_rows = int(
+            DatasetCatalog(connect(settings.redis_url), settings.redis_prefix)
+            .get("bench")
+            .meta.split_rows["train"]
+        )
+        host = await build(settings)
+        port = await host.start()
+        await host.set_serving(True)
+        env = {**os.environ, **settings.env(), "PYTHONPATH": str(ROOT)}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "worker", "training"], cwd=ROOT, env=env
+        )
+
+        print(
+            f"train_bench: {train_rows} train rows x {args.features} features, MLP [128, 64], "
+            f"batch {args.batch_size}, {args.epochs} epochs, torch threads/process {settings.torch_threads}, "
+            f"device {settings.device}, {os.cpu_count()} CPUs"
+        )
+        plain = statistics.median(plain_loop(settings, bench_spec(args, 1)))
+        print(f"{'plain single-process loop':<28} {plain:>12,.0f} samples/s")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for world_size in (1, 2):
+                rates, end_to_end = await run_job(channel, bench_spec(args, world_size), train_rows)
+                loop_rate = statistics.median(rates)
+                print(
+                    f"{f'service world_size={world_size}':<28} {loop_rate:>12,.0f} samples/s "
+                    f"(ratio {loop_rate / plain:.2f}x)  end-to-end {end_to_end:,.0f} samples/s "
+                    f"(ratio {end_to_end / plain:.2f}x)"
+                )
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+        if host is not None:
+            await host.stop(0)
+        client = connect(settings.redis_url)
+        keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
