@@ -51,11 +51,15 @@ def auth_settings(settings: Settings, tokens_file: Path) -> Settings:
 async def fleet(auth_settings: Settings, redis_client: redis.Redis) -> AsyncIterator[dict[str, str]]:
     """Full service name -> target of the server hosting it."""
     hosts: list[tuple[ServiceHost, tuple[str, ...]]] = [
-        (await inference_server.build(auth_settings, poll_s=60.0), ("inference.GRPCInferenceService",
-                                                                      "modelfleet.registry.v1.ModelRegistryService")),
+        (
+            await inference_server.build(auth_settings, poll_s=60.0),
+            ("inference.GRPCInferenceService", "modelfleet.registry.v1.ModelRegistryService"),
+        ),
         (await data_server.build(auth_settings), ("modelfleet.data.v1.DataService",)),
-        (await training_server.build(auth_settings), ("modelfleet.training.v1.TrainingService",
-                                                      "modelfleet.jobs.v1.JobService")),
+        (
+            await training_server.build(auth_settings),
+            ("modelfleet.training.v1.TrainingService", "modelfleet.jobs.v1.JobService"),
+        ),
         (await compression_server.build(auth_settings), ("modelfleet.compression.v1.CompressionService",)),
     ]
     targets: dict[str, str] = {}
