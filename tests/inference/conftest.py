@@ -39,7 +39,11 @@ def mlp_arch(inputs: int = 4, hidden: tuple[int, ...] = (8,), outputs: int = 3) 
 
 
 def register_mlp(
-    registry: ModelRegistry, store: ArtifactStore, name: str, seed: int = 0, arch: model_pb2.Architecture | None = None
+    registry: ModelRegistry,
+    store: ArtifactStore,
+    name: str,
+    seed: int = 0,
+    arch: model_pb2.Architecture | None = None,
 ) -> tuple[registry_pb2.ModelVersion, torch.nn.Module]:
     """A randomly initialised MLP registered as SAFETENSORS; returns the version and the module."""
     arch = arch or mlp_arch()

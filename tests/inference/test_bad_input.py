@@ -18,55 +18,175 @@ X = np.ones((2, 4), dtype="<f4")
 GOOD = Tensor(name="input", datatype="FP32", shape=[2, 4])
 
 CASES: list[tuple[str, pb.ModelInferRequest, grpc.StatusCode, tuple[str, ...]]] = [
-    ("unknown model", pb.ModelInferRequest(model_name="nope", inputs=[GOOD], raw_input_contents=[X.tobytes()]),
-     grpc.StatusCode.NOT_FOUND, ("nope",)),
-    ("unknown version", pb.ModelInferRequest(model_name="m", model_version="9", inputs=[GOOD],
-                                             raw_input_contents=[X.tobytes()]),
-     grpc.StatusCode.NOT_FOUND, ("'9'",)),
-    ("missing input", pb.ModelInferRequest(model_name="m"), grpc.StatusCode.INVALID_ARGUMENT, ("input", "missing")),
-    ("extra input", pb.ModelInferRequest(model_name="m", inputs=[GOOD, Tensor(name="extra", datatype="FP32", shape=[2, 4])],
-                                         raw_input_contents=[X.tobytes(), X.tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("extra",)),
-    ("duplicate input", pb.ModelInferRequest(model_name="m", inputs=[GOOD, GOOD], raw_input_contents=[X.tobytes()] * 2),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "more than once")),
-    ("wrong dtype", pb.ModelInferRequest(model_name="m", inputs=[Tensor(name="input", datatype="FP64", shape=[2, 4])],
-                                         raw_input_contents=[X.astype("<f8").tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "FP64", "FP32")),
-    ("unknown dtype", pb.ModelInferRequest(model_name="m", inputs=[Tensor(name="input", datatype="FP8", shape=[2, 4])],
-                                           raw_input_contents=[X.tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "FP8")),
-    ("shape mismatch", pb.ModelInferRequest(model_name="m", inputs=[Tensor(name="input", datatype="FP32", shape=[2, 5])],
-                                            raw_input_contents=[np.ones((2, 5), "<f4").tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "[2, 5]", "[-1, 4]")),
-    ("wrong rank", pb.ModelInferRequest(model_name="m", inputs=[Tensor(name="input", datatype="FP32", shape=[8])],
-                                        raw_input_contents=[X.tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "shape")),
-    ("negative dim", pb.ModelInferRequest(model_name="m", inputs=[Tensor(name="input", datatype="FP32", shape=[-2, 4])],
-                                          raw_input_contents=[X.tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "shape")),
-    ("raw length", pb.ModelInferRequest(model_name="m", inputs=[GOOD], raw_input_contents=[X.tobytes()[:-1]]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "31 raw bytes", "32")),
-    ("raw count", pb.ModelInferRequest(model_name="m", inputs=[GOOD], raw_input_contents=[X.tobytes()] * 2),
-     grpc.StatusCode.INVALID_ARGUMENT, ("raw_input_contents", "2 entries")),
-    ("mixed raw and typed", pb.ModelInferRequest(
-        model_name="m",
-        inputs=[Tensor(name="input", datatype="FP32", shape=[2, 4], contents=pb.InferTensorContents(fp32_contents=[1.0] * 8))],
-        raw_input_contents=[X.tobytes()]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "mixes")),
-    ("typed count", pb.ModelInferRequest(
-        model_name="m",
-        inputs=[Tensor(name="input", datatype="FP32", shape=[2, 4], contents=pb.InferTensorContents(fp32_contents=[1.0] * 7))]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "7 values")),
-    ("typed wrong field", pb.ModelInferRequest(
-        model_name="m",
-        inputs=[Tensor(name="input", datatype="FP32", shape=[2, 4], contents=pb.InferTensorContents(int_contents=[1] * 8))]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("input", "0 values in contents.fp32_contents")),
-    ("unknown output", pb.ModelInferRequest(model_name="m", inputs=[GOOD], raw_input_contents=[X.tobytes()],
-                                            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]),
-     grpc.StatusCode.INVALID_ARGUMENT, ("logits",)),
-    ("bad timeout", pb.ModelInferRequest(model_name="m", inputs=[GOOD], raw_input_contents=[X.tobytes()],
-                                         parameters={"timeout": pb.InferParameter(string_param="soon")}),
-     grpc.StatusCode.INVALID_ARGUMENT, ("timeout",)),
+    (
+        "unknown model",
+        pb.ModelInferRequest(model_name="nope", inputs=[GOOD], raw_input_contents=[X.tobytes()]),
+        grpc.StatusCode.NOT_FOUND,
+        ("nope",),
+    ),
+    (
+        "unknown version",
+        pb.ModelInferRequest(
+            model_name="m", model_version="9", inputs=[GOOD], raw_input_contents=[X.tobytes()]
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        ("'9'",),
+    ),
+    (
+        "missing input",
+        pb.ModelInferRequest(model_name="m"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "missing"),
+    ),
+    (
+        "extra input",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[GOOD, Tensor(name="extra", datatype="FP32", shape=[2, 4])],
+            raw_input_contents=[X.tobytes(), X.tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("extra",),
+    ),
+    (
+        "duplicate input",
+        pb.ModelInferRequest(model_name="m", inputs=[GOOD, GOOD], raw_input_contents=[X.tobytes()] * 2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "more than once"),
+    ),
+    (
+        "wrong dtype",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[Tensor(name="input", datatype="FP64", shape=[2, 4])],
+            raw_input_contents=[X.astype("<f8").tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "FP64", "FP32"),
+    ),
+    (
+        "unknown dtype",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[Tensor(name="input", datatype="FP8", shape=[2, 4])],
+            raw_input_contents=[X.tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "FP8"),
+    ),
+    (
+        "shape mismatch",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[Tensor(name="input", datatype="FP32", shape=[2, 5])],
+            raw_input_contents=[np.ones((2, 5), "<f4").tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "[2, 5]", "[-1, 4]"),
+    ),
+    (
+        "wrong rank",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[Tensor(name="input", datatype="FP32", shape=[8])],
+            raw_input_contents=[X.tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "shape"),
+    ),
+    (
+        "negative dim",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[Tensor(name="input", datatype="FP32", shape=[-2, 4])],
+            raw_input_contents=[X.tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "shape"),
+    ),
+    (
+        "raw length",
+        pb.ModelInferRequest(model_name="m", inputs=[GOOD], raw_input_contents=[X.tobytes()[:-1]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "31 raw bytes", "32"),
+    ),
+    (
+        "raw count",
+        pb.ModelInferRequest(model_name="m", inputs=[GOOD], raw_input_contents=[X.tobytes()] * 2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("raw_input_contents", "2 entries"),
+    ),
+    (
+        "mixed raw and typed",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[
+                Tensor(
+                    name="input",
+                    datatype="FP32",
+                    shape=[2, 4],
+                    contents=pb.InferTensorContents(fp32_contents=[1.0] * 8),
+                )
+            ],
+            raw_input_contents=[X.tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "mixes"),
+    ),
+    (
+        "typed count",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[
+                Tensor(
+                    name="input",
+                    datatype="FP32",
+                    shape=[2, 4],
+                    contents=pb.InferTensorContents(fp32_contents=[1.0] * 7),
+                )
+            ],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "7 values"),
+    ),
+    (
+        "typed wrong field",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[
+                Tensor(
+                    name="input",
+                    datatype="FP32",
+                    shape=[2, 4],
+                    contents=pb.InferTensorContents(int_contents=[1] * 8),
+                )
+            ],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("input", "0 values in contents.fp32_contents"),
+    ),
+    (
+        "unknown output",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[GOOD],
+            raw_input_contents=[X.tobytes()],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("logits",),
+    ),
+    (
+        "bad timeout",
+        pb.ModelInferRequest(
+            model_name="m",
+            inputs=[GOOD],
+            raw_input_contents=[X.tobytes()],
+            parameters={"timeout": pb.InferParameter(string_param="soon")},
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("timeout",),
+    ),
 ]
 
 
@@ -76,9 +196,8 @@ async def test_bad_inputs(serve, registry: ModelRegistry, store: ArtifactStore) 
     nan[1, 2] = np.nan
     nan_request = pb.ModelInferRequest(model_name="m", inputs=[GOOD], raw_input_contents=[nan.tobytes()])
     async with serve(nan_policy="reject") as srv:
-        for label, request, code, words in CASES + [
-            ("nan", nan_request, grpc.StatusCode.INVALID_ARGUMENT, ("input", "NaN"))
-        ]:
+        nan_case = ("nan", nan_request, grpc.StatusCode.INVALID_ARGUMENT, ("input", "NaN"))
+        for label, request, code, words in [*CASES, nan_case]:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await srv.stub.ModelInfer(request)
             assert info.value.code() == code, label

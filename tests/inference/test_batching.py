@@ -37,14 +37,18 @@ def one_row(value: float, **params: pb.InferParameter) -> pb.ModelInferRequest:
     )
 
 
-async def test_concurrent_requests_form_one_batch(serve, registry: ModelRegistry, store: ArtifactStore) -> None:
+async def test_concurrent_requests_form_one_batch(
+    serve, registry: ModelRegistry, store: ArtifactStore
+) -> None:
     register_mlp(registry, store, "m")
     # A long delay makes the idle model wait until the batch is full: the batch
     # size is then fixed by the count of requests, not by timing.
     async with serve(max_batch_size=8, max_queue_delay_us=60_000_000) as srv:
         responses = await asyncio.gather(*(srv.stub.ModelInfer(one_row(i)) for i in range(8)))
         assert len(responses) == 8
-        stats = (await srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="m", version="1"))).model_stats[0]
+        stats = (
+            await srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="m", version="1"))
+        ).model_stats[0]
         assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(8, 1)]
         assert stats.execution_count == 1 and stats.inference_count == 8
         assert stats.inference_stats.success.count == 8
@@ -82,8 +86,15 @@ def _recording_batcher(loop: asyncio.AbstractEventLoop, seen: list[float]) -> Ba
     out = model_pb2.TensorSpec(name="output", datatype="FP32", shape=[-1, 4])
     model = LoadedModel(Record(), [spec], [out], torch.device("cpu"))
     return Batcher(
-        "rec", "1", model, Signature("rec", [spec], [out]), VersionStats("rec", "1"),
-        max_batch_size=1, max_queue_delay_us=0, max_queue_size=100, loop=loop,
+        "rec",
+        "1",
+        model,
+        Signature("rec", [spec], [out]),
+        VersionStats("rec", "1"),
+        max_batch_size=1,
+        max_queue_delay_us=0,
+        max_queue_size=100,
+        loop=loop,
     )
 
 

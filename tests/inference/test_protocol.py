@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List  # noqa: UP035 (TorchScript resolves typing.List)
 
 import numpy as np
 import pytest
@@ -64,7 +64,14 @@ async def test_every_rpc(serve, registry: ModelRegistry, store: ArtifactStore) -
 
         typed = pb.ModelInferRequest(
             model_name="iris",
-            inputs=[Tensor(name="input", datatype="FP32", shape=[5, 4], contents=pb.InferTensorContents(fp32_contents=x.ravel()))],
+            inputs=[
+                Tensor(
+                    name="input",
+                    datatype="FP32",
+                    shape=[5, 4],
+                    contents=pb.InferTensorContents(fp32_contents=x.ravel()),
+                )
+            ],
             outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="output")],
         )
         np.testing.assert_allclose(output(await stub.ModelInfer(typed)), expected, rtol=1e-5, atol=1e-6)
@@ -95,7 +102,9 @@ async def test_every_rpc(serve, registry: ModelRegistry, store: ArtifactStore) -
 
         register_mlp(registry, store, "iris", seed=1)
         version = pb.ModelRepositoryParameter(string_param="1")
-        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="iris", parameters={"version": version}))
+        await stub.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name="iris", parameters={"version": version})
+        )
         assert (await stub.ModelInfer(raw_request("iris", x))).model_version == "1"
         await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="iris"))
         assert (await stub.ModelInfer(raw_request("iris", x))).model_version == "2"
@@ -121,11 +130,30 @@ def echo_model(tmp_path: Path) -> Path:
 
     class Multi(torch.nn.Module):
         def forward(
-            self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, e: torch.Tensor,
-            f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+            self,
+            a: torch.Tensor,
+            b: torch.Tensor,
+            c: torch.Tensor,
+            d: torch.Tensor,
+            e: torch.Tensor,
+            f: torch.Tensor,
+            g: torch.Tensor,
+            h: torch.Tensor,
+            i: torch.Tensor,
+            j: torch.Tensor,
         ) -> List[torch.Tensor]:  # noqa: UP006 (TorchScript needs typing.List)
-            return [a.clone(), b.clone(), c.clone(), d.clone(), e.clone(), f.clone(), g.clone(), h.clone(),
-                    i.clone(), j * 2]
+            return [
+                a.clone(),
+                b.clone(),
+                c.clone(),
+                d.clone(),
+                e.clone(),
+                f.clone(),
+                g.clone(),
+                h.clone(),
+                i.clone(),
+                j * 2,
+            ]
 
     assert len(names) == 10
     path = tmp_path / "echo.pt"
@@ -133,12 +161,16 @@ def echo_model(tmp_path: Path) -> Path:
     return path
 
 
-async def test_every_dtype_round_trip(serve, registry: ModelRegistry, store: ArtifactStore, tmp_path: Path) -> None:
+async def test_every_dtype_round_trip(
+    serve, registry: ModelRegistry, store: ArtifactStore, tmp_path: Path
+) -> None:
     specs = [model_pb2.TensorSpec(name=f"in_{d}", datatype=d, shape=[-1, 3]) for d in DTYPES]
     outs = [model_pb2.TensorSpec(name=f"out_{d}", datatype=d, shape=[-1, 3]) for d in DTYPES]
-    register_file(registry, store, "echo", echo_model(tmp_path), registry_pb2.MODEL_FORMAT_TORCHSCRIPT, specs, outs)
+    register_file(
+        registry, store, "echo", echo_model(tmp_path), registry_pb2.MODEL_FORMAT_TORCHSCRIPT, specs, outs
+    )
     rng = np.random.default_rng(1)
-    values = {
+    values: dict[str, np.ndarray] = {
         d: (rng.integers(0, 2, (2, 3)).astype(t) if d == "BOOL" else rng.integers(0, 100, (2, 3)).astype(t))
         for d, t in DTYPES.items()
     }
@@ -148,22 +180,35 @@ async def test_every_dtype_round_trip(serve, registry: ModelRegistry, store: Art
         raw = pb.ModelInferRequest(
             model_name="echo",
             inputs=[Tensor(name=f"in_{d}", datatype=d, shape=[2, 3]) for d in DTYPES],
-            raw_input_contents=[values[d].astype(values[d].dtype.newbyteorder("<")).tobytes() for d in DTYPES],
+            raw_input_contents=[
+                values[d].astype(values[d].dtype.newbyteorder("<")).tobytes() for d in DTYPES
+            ],
         )
         response = await srv.stub.ModelInfer(raw)
-        got = {o.name: (o.datatype, data) for o, data in zip(response.outputs, response.raw_output_contents, strict=True)}
+        got = {
+            o.name: (o.datatype, data)
+            for o, data in zip(response.outputs, response.raw_output_contents, strict=True)
+        }
         for d, t in DTYPES.items():
             datatype, data = got[f"out_{d}"]
             assert datatype == d
-            result = np.frombuffer(data, dtype=t).reshape(2, 3)
+            result: np.ndarray = np.frombuffer(data, dtype=t).reshape(2, 3)
             if d == "BF16":
-                expected = (torch.from_numpy(values[d].copy()).view(torch.bfloat16) * 2).view(torch.int16).numpy()
+                expected = (
+                    (torch.from_numpy(values[d].copy()).view(torch.bfloat16) * 2).view(torch.int16).numpy()
+                )
                 np.testing.assert_array_equal(result.view(np.int16), expected)
             else:
                 np.testing.assert_array_equal(result, values[d])
 
-        fields = {"BOOL": "bool_contents", "UINT8": "uint_contents", "INT64": "int64_contents",
-                  "FP32": "fp32_contents", "FP64": "fp64_contents", "FP16": "fp32_contents"}
+        fields = {
+            "BOOL": "bool_contents",
+            "UINT8": "uint_contents",
+            "INT64": "int64_contents",
+            "FP32": "fp32_contents",
+            "FP64": "fp64_contents",
+            "FP16": "fp32_contents",
+        }
         typed_inputs = []
         for d in DTYPES:
             if d == "BF16":
@@ -172,7 +217,9 @@ async def test_every_dtype_round_trip(serve, registry: ModelRegistry, store: Art
             contents = pb.InferTensorContents(**{field: values[d].ravel().tolist()})
             typed_inputs.append(Tensor(name=f"in_{d}", datatype=d, shape=[2, 3], contents=contents))
         # BF16 has no typed field: only raw. Typed requests therefore cannot feed this model's BF16 input.
-        bad = pb.ModelInferRequest(model_name="echo", inputs=[*typed_inputs, Tensor(name="in_BF16", datatype="BF16", shape=[2, 3])])
+        bad = pb.ModelInferRequest(
+            model_name="echo", inputs=[*typed_inputs, Tensor(name="in_BF16", datatype="BF16", shape=[2, 3])]
+        )
         with pytest.raises(Exception) as info:
             await srv.stub.ModelInfer(bad)
         assert "in_BF16" in str(info.value) and "raw" in str(info.value)
