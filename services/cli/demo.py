@@ -38,6 +38,7 @@ from services.cli.progress import watch_job
 MODEL = "demo-digits-mlp"
 HIDDEN = [256, 128]
 DATASET = "demo-digits"
+CANARY_FRACTION = 0.1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,12 +60,16 @@ def _fleet_is_up(settings: Settings) -> bool:
 
 def _demo(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    if _fleet_is_up(settings):
-        print("using the fleet that is already up")
-        return Demo(settings, args.epochs, args.world_size).run()
-    print("no fleet answers; starting a local one (logs in .modelfleet/logs)")
-    with Fleet(settings):
-        return Demo(settings, args.epochs, args.world_size).run()
+    try:
+        if _fleet_is_up(settings):
+            print("using the fleet that is already up")
+            return Demo(settings, args.epochs, args.world_size).run()
+        print("no fleet answers; starting a local one (logs in .modelfleet/logs)")
+        with Fleet(settings):
+            return Demo(settings, args.epochs, args.world_size).run()
+    except grpc.RpcError as exc:
+        print(f"modelfleet: demo failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
 
 
 class Demo:
@@ -141,26 +146,26 @@ class Demo:
         ).job
         compressed = self.finish(job)
 
-        print(f"\n[5/6] promoting: v{trained} to production, then v{compressed} if accuracy drops <= 1 point")
-        self.promote(trained, guard=None)
-        served = compressed
-        try:
-            self.promote(compressed, registry_pb2.PromotionGuard(metric="test_accuracy", max_drop=0.01))
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            print(f"  promotion refused by the guard: {exc.details()}; production stays v{trained}")
-            served = trained
+        print(f"\n[5/6] rollout: v{trained} to production, v{compressed} as a {CANARY_FRACTION:.0%} canary")
+        self.promote(trained)
+        self.registry.SetCanary(
+            registry_pb2.SetCanaryRequest(name=MODEL, version=compressed, fraction=CANARY_FRACTION),
+            metadata=self.metadata,
+        )
+        # Replicas serve exactly the versions routing needs, so both are
+        # addressable by version only while one is production and one canary.
+        for version in (trained, compressed):
+            self.wait_until_served(version, explicit=True)
 
         print("\n[6/6] inference through the Open Inference Protocol")
-        self.wait_until_served(served)
+        measured = {version: self.measure(version, x_test, y_test) for version in (trained, compressed)}
+        served = self.end_canary(compressed)
+        self.wait_until_served(served, explicit=False)
         rows = []
-        for version in (trained, compressed):
+        for version, (accuracy, p50) in measured.items():
             meta = self.registry.GetModelVersion(
                 registry_pb2.GetModelVersionRequest(name=MODEL, version=version), metadata=self.metadata
             ).version
-            accuracy = self.accuracy(version, x_test, y_test)
-            p50 = self.latency_p50(version, x_test)
             label = "fp32" if version == trained else "pruned+ft+int8"
             marker = " (production)" if version == served else ""
             size = meta.artifact_size_bytes
@@ -216,25 +221,47 @@ class Demo:
             raise FailedPrecondition(f"job {job.id} ended {state}: {final.last_error}")
         return final.result.model_version
 
-    def promote(self, version: str, guard: registry_pb2.PromotionGuard | None) -> None:
-        request = registry_pb2.SetAliasRequest(name=MODEL, alias="production", version=version, guard=guard)
+    def promote(self, version: str) -> None:
+        request = registry_pb2.SetAliasRequest(name=MODEL, alias="production", version=version)
         self.registry.SetAlias(request, metadata=self.metadata)
         print(f"  production -> v{version}")
 
-    def wait_until_served(self, version: str, timeout_s: float = 60.0) -> None:
-        """Replicas follow the alias through Redis; wait until they answer with it."""
+    def end_canary(self, canary: str) -> str:
+        """Promote the canary if its test accuracy is at most one point lower; returns production."""
+        guard = registry_pb2.PromotionGuard(metric="test_accuracy", max_drop=0.01)
+        try:
+            model = self.registry.EndCanary(
+                registry_pb2.EndCanaryRequest(name=MODEL, promote=True, guard=guard), metadata=self.metadata
+            ).model
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            print(f"  promotion of v{canary} refused by the guard: {exc.details()}")
+            model = self.registry.EndCanary(
+                registry_pb2.EndCanaryRequest(name=MODEL), metadata=self.metadata
+            ).model
+        production = str(model.aliases["production"])
+        print(f"  canary ended; production -> v{production}")
+        return production
+
+    def wait_until_served(self, version: str, explicit: bool, timeout_s: float = 60.0) -> None:
+        """Replicas follow the registry through Redis; wait until they answer
+        for ``version`` (asked for by number, or as the default route)."""
         deadline = time.monotonic() + timeout_s
         probe = np.zeros((1, 64), np.float32)
         while time.monotonic() < deadline:
             try:
-                if self.infer("", probe).model_version == version:
-                    print(f"  inference serves {MODEL} v{version} as production")
+                if self.infer(version if explicit else "", probe).model_version == version:
+                    print(f"  inference serves {MODEL} v{version}" + ("" if explicit else " as production"))
                     return
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                     raise
             time.sleep(0.25)
-        raise FailedPrecondition(f"inference did not switch to v{version} within {timeout_s:.0f} s")
+        raise FailedPrecondition(f"inference did not serve v{version} within {timeout_s:.0f} s")
+
+    def measure(self, version: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        return self.accuracy(version, x, y), self.latency_p50(version, x)
 
     def infer(self, version: str, x: np.ndarray) -> oip.ModelInferResponse:
         request = oip.ModelInferRequest(
