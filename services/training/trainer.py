@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -80,6 +81,9 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def run_rank(rank: int, job: RankJob, events: Any, stop: Any) -> None:
     """Process entry point; a failure is reported to the parent and exits non-zero."""
+    # Ctrl-C reaches the whole process group; the worker turns it into a warm
+    # shutdown that lets this job finish, so the ranks must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(job.log_level, job.log_format)
     job_id_var.set(job.job_id)
     try:
@@ -108,6 +112,7 @@ class _Rank:
         # tensors; with NCCL they get their own gloo group so they never force a
         # CUDA synchronisation.
         self.control: Any = None
+        self._pending: tuple[Any, torch.Tensor] | None = None
 
     def _put(self, kind: str, payload: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -129,6 +134,7 @@ class _Rank:
         try:
             self.control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
             self._train()
+            self._settle_pending()
         finally:
             dist.destroy_process_group()
 
@@ -140,12 +146,26 @@ class _Rank:
         return values
 
     def _should_stop(self) -> bool:
+        """Whether every rank should stop before this step. Each call sends this
+        rank's flag and reads the agreement sent one step earlier, so the
+        collective overlaps a step of compute instead of stalling every step;
+        a cancel still reaches all ranks within one step."""
         local = self.stop.is_set() or os.getppid() != self.job.parent_pid
         if not self.distributed:
             return bool(local)
+        previous = self._pending
         flag = torch.tensor([1.0 if local else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(flag.item() > 0)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+        self._pending = (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item() > 0)
+
+    def _settle_pending(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def _split(self, record: DatasetRecord, split: str) -> tuple[np.ndarray, np.ndarray] | None:
         if split not in record.shards:
