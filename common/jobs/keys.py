@@ -5,7 +5,8 @@
   attempt holding the job), ``lease`` (epoch seconds the holder's heartbeat is good until),
   ``stream`` and ``entry`` (the stream entry delivering the job while it is queued/running).
 - ``<p>:jobs:stream:<kind>:<priority>`` streams, consumer group ``workers``: one entry per
-  queued episode of a job, deleted once acknowledged.
+  queued episode of a job (``job`` id, and ``pb``, the record as it was queued, so a worker can
+  claim a fresh delivery without reading the record first), deleted once acknowledged.
 - ``<p>:jobs:delayed:<kind>`` sorted set: job ids waiting out a retry backoff, scored by due time.
 - ``<p>:jobs:request:<request_id>`` string: the job id an idempotency key created.
 - ``<p>:jobs:index`` and ``<p>:jobs:index:<kind>`` sorted sets (lexicographic, score 0) of

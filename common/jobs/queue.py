@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from redis.client import Pipeline
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2
 from common.auth import current_principal
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from common.jobs.keys import GROUP, JobKeys, effective_priority, kind_name
-from common.jobs.records import TERMINAL, Fields, atomic, decode, emit, now, save, state_name
+from common.jobs.records import TERMINAL, Batch, Fields, Transitions, decode, emit, now, save, state_name
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ if ARGV[1] == '1' then
   redis.call('SET', KEYS[1], ARGV[2])
 end
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[3], ARGV[7], '0', 'MKSTREAM')
-local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
+local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[2], 'pb', ARGV[3])
 redis.call('HSET', KEYS[2], 'pb', ARGV[3], 'state', ARGV[4], 'stream', KEYS[3], 'entry', entry,
            'token', '', 'lease', '0')
 redis.call('ZADD', KEYS[4], 0, ARGV[5])
@@ -70,6 +69,7 @@ class JobQueue:
         self.client = client
         self.settings = settings
         self.keys = JobKeys(settings.redis_prefix)
+        self.transitions = Transitions(client)
         self._submit = client.register_script(_SUBMIT)
 
     def submit(self, job: jobs_pb2.Job) -> jobs_pb2.Job:
@@ -175,7 +175,7 @@ class JobQueue:
         a fraction of a second and discards whatever the handler still returns."""
         key = self.keys.job(check_job_id(job_id))
 
-        def change(pipe: Pipeline, fields: Fields) -> jobs_pb2.Job:
+        def change(batch: Batch, fields: Fields) -> jobs_pb2.Job:
             if not fields:
                 raise NotFound(f"job {job_id!r} not found")
             job = decode(fields)
@@ -187,20 +187,20 @@ class JobQueue:
             job.last_error = reason or "cancelled"
             job.updated_at.CopyFrom(stamp)
             job.finished_at.CopyFrom(stamp)
-            save(pipe, self.keys, job)
+            save(batch, self.keys, job)
             if was_queued:
                 # Nobody runs it: drop its delivery now. A running job's entry is
                 # acknowledged by its worker (or, if that died, by whoever reclaims it).
-                pipe.zrem(self.keys.delayed(job.kind), job.id)
+                batch.zrem(self.keys.delayed(job.kind), job.id)
                 entry = fields.get(b"entry", b"")
                 if entry:
                     stream = fields[b"stream"].decode()
-                    pipe.xack(stream, GROUP, entry)
-                    pipe.xdel(stream, entry)
-            emit(pipe, self.keys, job, message=job.last_error)
+                    batch.xack(stream, GROUP, entry)
+                    batch.xdel(stream, entry)
+            emit(batch, self.keys, job, message=job.last_error)
             return job
 
-        job = atomic(self.client, key, change)
+        job = self.transitions.apply(key, change)
         log.info("job cancelled", extra={"job_id": job_id})
         return job
 

@@ -4,12 +4,11 @@ on a job hash, timestamps, and the events written beside each change."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.client import Pipeline
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2
 from common.errors import Unavailable
@@ -22,9 +21,135 @@ TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, j
 EVENTS_MAXLEN = 1000
 EVENTS_TTL_S = 7 * 24 * 3600
 DEAD_MAXLEN = 100_000
-_WATCH_TRIES = 200
+_CAS_TRIES = 200
 
 Fields = Mapping[bytes, bytes]
+
+# Compare-and-apply: if the record still holds the expected fields (or, expecting none, does
+# not exist), run the queued commands; otherwise change nothing and return the record as it
+# now is, so the caller can decide again without another round trip.
+# ARGV: n, n field/value pairs, then per command: argument count, name, arguments (its key is
+# the next of KEYS[2..]).
+_CAS = """
+local key = KEYS[1]
+local n = tonumber(ARGV[1])
+local i = 2
+if n == 0 then
+  if redis.call('EXISTS', key) == 1 then return {0, redis.call('HGETALL', key)} end
+end
+for _ = 1, n do
+  if redis.call('HGET', key, ARGV[i]) ~= ARGV[i + 1] then return {0, redis.call('HGETALL', key)} end
+  i = i + 2
+end
+for k = 2, #KEYS do
+  local argc = tonumber(ARGV[i])
+  local command = {ARGV[i + 1], KEYS[k]}
+  for j = 1, argc do command[j + 2] = ARGV[i + 1 + j] end
+  redis.call(unpack(command))
+  i = i + 2 + argc
+end
+return {1}
+"""
+
+
+class Batch:
+    """The writes one transition decides on, applied by ``Transitions.apply`` only if the
+    record it decided from is still current. Each command's first argument is its key."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, str, list[Any]]] = []
+
+    def hset(self, key: str, mapping: Mapping[str, bytes | str | float]) -> None:
+        self.commands.append(("HSET", key, [x for pair in mapping.items() for x in pair]))
+
+    def xadd(self, key: str, fields: Mapping[str, bytes | str], maxlen: int) -> None:
+        args: list[Any] = ["MAXLEN", "~", maxlen, "*"]
+        self.commands.append(("XADD", key, args + [x for pair in fields.items() for x in pair]))
+
+    def expire(self, key: str, seconds: int) -> None:
+        self.commands.append(("EXPIRE", key, [seconds]))
+
+    def xack(self, stream: str, group: str, entry: str | bytes) -> None:
+        self.commands.append(("XACK", stream, [group, entry]))
+
+    def xdel(self, stream: str, entry: str | bytes) -> None:
+        self.commands.append(("XDEL", stream, [entry]))
+
+    def zadd(self, key: str, member: str, score: float) -> None:
+        self.commands.append(("ZADD", key, [score, member]))
+
+    def zrem(self, key: str, member: str) -> None:
+        self.commands.append(("ZREM", key, [member]))
+
+
+class Guess(Mapping[bytes, bytes]):
+    """Fields a caller believes a record holds (say, as it last wrote them), to decide a
+    transition without reading the record first. The compare-and-apply checks every one of
+    them; a decision that needs a field the guess lacks falls back to reading the record."""
+
+    def __init__(self, known: Mapping[bytes, bytes]) -> None:
+        self.known = dict(known)
+
+    def __getitem__(self, field: bytes) -> bytes:
+        try:
+            return self.known[field]
+        except KeyError:
+            raise _Unknown(field) from None
+
+    def __iter__(self) -> Iterator[bytes]:
+        raise _Unknown(b"*")
+
+    def __len__(self) -> int:
+        return len(self.known)  # a guess says the record exists
+
+
+class _Unknown(Exception):
+    """A transition read a field its guess does not hold."""
+
+
+class Transitions:
+    """Checked read-modify-write of job hashes: one EVALSHA per step when the record is
+    as expected, instead of WATCH + HGETALL + MULTI/EXEC."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._cas = client.register_script(_CAS)
+
+    def apply(self, key: str, change: Callable[[Batch, Fields], T], guess: Guess | None = None) -> T:
+        """Let ``change`` decide from the record at ``key`` and queue its writes; apply them
+        only if the record has not changed meanwhile, else decide again on the fresh record.
+
+        With ``guess`` the first decision is made without reading the record; a wrong guess
+        costs nothing extra, since the failed compare returns the record.
+        """
+        fields: Fields | None = guess
+        for _ in range(_CAS_TRIES):
+            if fields is None:
+                fields = self._read(key)
+            batch = Batch()
+            try:
+                result = change(batch, fields)
+            except _Unknown:
+                fields = None
+                continue
+            expected = fields.known if isinstance(fields, Guess) else fields
+            keys = [key]
+            args: list[Any] = [len(expected)]
+            for field, value in expected.items():
+                args += [field, value]
+            for name, command_key, command_args in batch.commands:
+                keys.append(command_key)
+                args += [len(command_args), name, *command_args]
+            reply: Any = self._cas(keys=keys, args=args)
+            if reply[0] == 1:
+                return result
+            flat = reply[1]
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        raise Unavailable(f"job record {key} changed {_CAS_TRIES} times during one update; try again")
+
+    def _read(self, key: str) -> Fields:
+        fields: Any = self.client.hgetall(key)
+        return dict(fields)
 
 
 def now() -> Timestamp:
@@ -44,34 +169,15 @@ def decode(fields: Fields) -> jobs_pb2.Job:
     return job
 
 
-def atomic(client: redis.Redis, key: str, change: Callable[[Pipeline, Fields], T]) -> T:
-    """WATCH ``key``, read its hash, let ``change`` queue commands after MULTI, EXEC.
-
-    ``change`` decides from the fields it is given; if anyone wrote the hash in
-    between, EXEC aborts and the whole step reruns on fresh fields, so every
-    transition is checked against the state it actually applies to.
-    """
-    for _ in range(_WATCH_TRIES):
-        with client.pipeline() as pipe:
-            try:
-                pipe.watch(key)
-                fields: Fields = pipe.hgetall(key)  # type: ignore[assignment]
-                pipe.multi()
-                result = change(pipe, fields)
-                pipe.execute()
-                return result
-            except redis.WatchError:
-                continue
-    raise Unavailable(f"job record {key} changed {_WATCH_TRIES} times during one update; try again")
-
-
-def save(pipe: Pipeline, keys: JobKeys, job: jobs_pb2.Job, **extra: str | float) -> None:
-    fields: dict[str, bytes | str | float] = {"pb": job.SerializeToString(), "state": str(job.state), **extra}
-    pipe.hset(keys.job(job.id), mapping=fields)  # type: ignore[arg-type]
+def save(batch: Batch, keys: JobKeys, job: jobs_pb2.Job, **extra: str | float) -> bytes:
+    """Queue the record's write; returns the ``pb`` bytes written."""
+    pb = job.SerializeToString()
+    batch.hset(keys.job(job.id), {"pb": pb, "state": str(job.state), **extra})
+    return pb
 
 
 def emit(
-    pipe: Pipeline,
+    batch: Batch,
     keys: JobKeys,
     job: jobs_pb2.Job,
     kind: int = jobs_pb2.JOB_EVENT_TYPE_STATE,
@@ -91,11 +197,11 @@ def emit(
     )
     event.time.CopyFrom(job.updated_at)
     events = keys.events(job.id)
-    pipe.xadd(events, {"event": event.SerializeToString()}, maxlen=EVENTS_MAXLEN, approximate=True)
+    batch.xadd(events, {"event": event.SerializeToString()}, maxlen=EVENTS_MAXLEN)
     if job.state in TERMINAL:
-        pipe.expire(events, EVENTS_TTL_S)
+        batch.expire(events, EVENTS_TTL_S)
 
 
-def dead_letter(pipe: Pipeline, keys: JobKeys, job: jobs_pb2.Job, reason: str) -> None:
+def dead_letter(batch: Batch, keys: JobKeys, job: jobs_pb2.Job, reason: str) -> None:
     fields = {"job": job.id, "kind": str(job.kind), "attempts": str(job.attempts), "reason": reason}
-    pipe.xadd(keys.dead, fields, maxlen=DEAD_MAXLEN, approximate=True)  # type: ignore[arg-type]
+    batch.xadd(keys.dead, fields, maxlen=DEAD_MAXLEN)

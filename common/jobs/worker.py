@@ -22,6 +22,7 @@ from common.jobs.attempts import Attempt, AttemptStore
 from common.jobs.context import JobContext, JobOutcome
 from common.jobs.errors import JobCancelledError, PermanentJobError
 from common.jobs.keys import GROUP, kind_name
+from common.jobs.monitor import AttemptMonitor
 from common.jobs.queue import JobQueue
 from common.logging import job_id_var
 
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
-# How often a running job is checked for cancellation (the ~0.2 s promise of cancelled()).
-_POLL_S = 0.1
 _BACKOFF_CAP_S = 5.0
 # Retries scheduled by other workers are noticed within this long.
 _DELAYED_SCAN_S = 0.5
@@ -51,8 +50,10 @@ class Worker:
         self.settings = queue.settings
         self.streams = queue.keys.streams(kind)
         self.store = AttemptStore(queue, self.worker_id)
-        # Entries delivered to us beyond the one we run now (one XREADGROUP may return one per stream).
-        self._backlog: deque[tuple[str, str, str]] = deque()
+        self._monitor = AttemptMonitor(self.store, self.settings.job_heartbeat_s)
+        # Entries delivered to us beyond the one we run now (one XREADGROUP may return one per
+        # stream): (stream, entry, job id, the record the entry carries).
+        self._backlog: deque[tuple[str, str, str, bytes | None]] = deque()
         self._groups_ready = False
         self._next_reclaim = 0.0
         self._next_due = 0.0
@@ -76,6 +77,7 @@ class Worker:
                     delay = min(delay * 2, _BACKOFF_CAP_S)
         finally:
             restore()
+            self._monitor.close()
         log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     def run_once(self, block_ms: int = 1000) -> bool:
@@ -85,8 +87,8 @@ class Worker:
         item = self._next_delivery(block_ms)
         if item is None:
             return False
-        stream, entry, job_id = item
-        attempt = self.store.claim(stream, entry, job_id)
+        stream, entry, job_id, pb = item
+        attempt = self.store.claim(stream, entry, job_id, pb)
         if attempt is None:
             return False
         self._execute(attempt)
@@ -111,11 +113,11 @@ class Worker:
         if self._next_reclaim <= now:
             self._next_reclaim = now + min(max(self.store.lease_s / 4, 0.05), 5.0)
             for stream in self.streams:
-                for entry, job_id in self.store.reclaim(stream, count=16):
+                for entry, job_id, pb in self.store.reclaim(stream, count=16):
                     log.info("reclaimed idle delivery", extra={"job_id": job_id, "entry": entry})
-                    self._backlog.append((stream, entry, job_id))
+                    self._backlog.append((stream, entry, job_id, pb))
 
-    def _next_delivery(self, block_ms: int) -> tuple[str, str, str] | None:
+    def _next_delivery(self, block_ms: int) -> tuple[str, str, str, bytes | None] | None:
         if self._backlog:
             return self._backlog.popleft()
         # Wake up in time for the next retry or reclaim check.
@@ -129,15 +131,13 @@ class Worker:
         by_stream = {name.decode(): entries for name, entries in reply}
         for stream in self.streams:  # highest priority first
             for entry, values in by_stream.get(stream, []):
-                self._backlog.append((stream, entry.decode(), values[b"job"].decode()))
+                self._backlog.append((stream, entry.decode(), values[b"job"].decode(), values.get(b"pb")))
         return self._backlog.popleft() if self._backlog else None
 
     def _execute(self, attempt: Attempt) -> None:
         ctx = JobContext(self.store, attempt)
         token = job_id_var.set(attempt.job.id)
-        done = threading.Event()
-        monitor = threading.Thread(target=self._monitor, args=(ctx, attempt, done), daemon=True)
-        monitor.start()
+        self._monitor.watch(ctx, attempt)
         try:
             log.info("job started", extra={"attempt": attempt.job.attempts})
             try:
@@ -163,23 +163,8 @@ class Worker:
                 )
                 log.info("job succeeded" if recorded else "job outcome discarded (cancelled or reclaimed)")
         finally:
-            done.set()
-            monitor.join()
+            self._monitor.release()
             job_id_var.reset(token)
-
-    def _monitor(self, ctx: JobContext, attempt: Attempt, done: threading.Event) -> None:
-        """Poll for cancellation every _POLL_S and heartbeat every job_heartbeat_s while the handler runs."""
-        next_beat = time.monotonic() + self.settings.job_heartbeat_s
-        while not done.wait(_POLL_S):
-            try:
-                if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + self.settings.job_heartbeat_s
-                    ctx.heartbeat()
-                if not ctx.cancelled() and not self.store.poll(attempt):
-                    log.info("job cancelled or reclaimed; asking the handler to stop")
-                    ctx._stop_work()
-            except _REDIS_DOWN as exc:
-                log.warning("job monitor cannot reach redis: %s", exc)
 
     def _settle(self, step: Callable[[], T]) -> T:
         """Record an attempt's end, riding out a Redis restart; if Redis stays away, the
