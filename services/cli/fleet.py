@@ -41,6 +41,8 @@ SERVICES = (
 )
 WORKERS = (("training-worker", ("worker", "training")), ("compression-worker", ("worker", "compression")))
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# A refused connection and a host that never answers (connect timeout) both mean "no Redis".
+_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Fleet:
         try:
             client.ping()
             return
-        except redis.exceptions.ConnectionError:
+        except _UNREACHABLE:
             pass
         url = urlparse(self.settings.redis_url)
         if url.hostname not in LOCAL_HOSTS or shutil.which("redis-server") is None:
@@ -148,7 +150,7 @@ class Fleet:
                 client.ping()
                 print(f"started a private redis-server (AOF in {data})")
                 return
-            except redis.exceptions.ConnectionError:
+            except _UNREACHABLE:
                 if self.redis_process.poll() is not None:
                     break
                 time.sleep(0.1)
