@@ -61,7 +61,7 @@ def free_port() -> int:
 
 
 def register(registry: ModelRegistry, store: ArtifactStore) -> dict[str, torch.nn.Module]:
-    modules = {}
+    modules: dict[str, torch.nn.Module] = {}
     for name, (inputs, hidden, outputs) in MODELS.items():
         arch = model_pb2.Architecture(
             mlp=model_pb2.MlpArchitecture(input_size=inputs, hidden_sizes=list(hidden), output_size=outputs)

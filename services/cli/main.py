@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from common.errors import ModelfleetError
 
 # Command-group modules, in help order.
-MODULES = ("up", "demo", "serve", "datasets", "models", "jobs", "submit", "auth")
+MODULES = ("up", "demo", "serve", "datasets", "models", "infer", "jobs", "submit", "auth")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,118 @@
+"""``modelfleet infer MODEL --input x.npy | --json '[[...]]' [--version V]``:
+one Open Inference Protocol request from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from common.api.inference import grpc_predict_v2_pb2 as pb
+from common.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from common.errors import InvalidArgument
+from common.settings import Settings
+from services.cli.client import add_output, add_target, call_metadata, open_channel, print_json, print_table
+from services.inference.codec import DTYPES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("infer", help="run one inference request against the inference service")
+    parser.add_argument("model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="a .npy file (rows = batch); never unpickled")
+    source.add_argument("--json", help="the input as a JSON array, e.g. '[[5.1, 3.5, 1.4, 0.2]]'")
+    parser.add_argument("--version", default="", help="version number (default: production, else latest)")
+    parser.add_argument("--id", default="", help="request id to echo")
+    add_target(parser, "inference_port")
+    add_output(parser)
+    parser.set_defaults(handler=_infer)
+
+
+def _load(args: argparse.Namespace) -> np.ndarray:
+    if args.input is not None:
+        try:
+            array: np.ndarray = np.load(args.input, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"--input {args.input}: not a readable .npy file: {exc}") from None
+    else:
+        try:
+            array = np.asarray(json.loads(args.json))
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"--json is not a numeric JSON array: {exc}") from None
+    return array.reshape(1, -1) if array.ndim == 1 else array
+
+
+def _infer(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    array = _load(args)
+    metadata = call_metadata(settings)
+    with open_channel(args, settings) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            meta = stub.ModelMetadata(
+                pb.ModelMetadataRequest(name=args.model, version=args.version), metadata=metadata
+            )
+            if len(meta.inputs) != 1:
+                raise InvalidArgument(
+                    f"model {args.model!r} has {len(meta.inputs)} inputs; infer sends exactly one"
+                )
+            spec = meta.inputs[0]
+            data = _encode(array, spec.datatype)
+            request = pb.ModelInferRequest(
+                model_name=args.model,
+                model_version=args.version,
+                id=args.id,
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name=spec.name, datatype=spec.datatype, shape=array.shape
+                    )
+                ],
+                raw_input_contents=[data],
+            )
+            response = stub.ModelInfer(request, metadata=metadata)
+        except grpc.RpcError as exc:
+            print(f"modelfleet: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    outputs = {
+        o.name: _decode(raw, o.datatype, tuple(o.shape))
+        for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    if args.output == "json":
+        print_json(
+            {
+                "model": response.model_name,
+                "version": response.model_version,
+                "id": response.id,
+                "outputs": {name: value.tolist() for name, value in outputs.items()},
+            }
+        )
+    else:
+        print(f"model {response.model_name} version {response.model_version}")
+        print_table(
+            ("output", "shape", "values"), [(n, list(v.shape), v.tolist()) for n, v in outputs.items()]
+        )
+    return 0
+
+
+def _encode(array: np.ndarray, datatype: str) -> bytes:
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidArgument(f"model input has datatype {datatype}, which infer cannot send")
+    if datatype == "BF16":
+        return (
+            torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+        )
+    return array.astype(dtype.numpy).tobytes()
+
+
+def _decode(raw: bytes, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    dtype = DTYPES[datatype]
+    array = np.frombuffer(raw, dtype=dtype.numpy).reshape(shape)
+    if datatype == "BF16":
+        return torch.from_numpy(array.copy()).view(torch.bfloat16).float().numpy()
+    return array
