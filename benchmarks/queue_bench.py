@@ -3,7 +3,11 @@
 minimal reference loop (bare XADD / XREADGROUP / XACK). Needs a Redis at
 MODELFLEET_REDIS_URL; uses its own key prefix and deletes it afterwards.
 
-    python benchmarks/queue_bench.py [--jobs 2000] [--pickups 300]
+The two are measured in alternating rounds and each figure is the median over rounds, each
+ratio the median of the per-round ratios: on a shared machine the load changes between
+runs, and a ratio taken within one round compares the two under the same load.
+
+    python benchmarks/queue_bench.py [--jobs 2000] [--pickups 300] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Harness:
         self.process = process
         self.started = threading.Event()
         self.started_at = 0.0
+        # Set whenever a process() call has returned: the worker is about to wait again.
+        self.idle = threading.Event()
 
     def on_start(self) -> None:
         self.started_at = time.perf_counter()
@@ -63,19 +69,25 @@ def measure(h: Harness, jobs: int, pickups: int) -> Figures:
         done += h.process()
     complete_s = time.perf_counter() - t0
 
-    # Pickup: a worker thread blocks on the queue; each job is submitted only when it waits.
+    # Pickup: a worker thread blocks on the queue; each job is submitted only once the worker
+    # has finished the previous one and is back in its blocking read.
     stop = threading.Event()
 
     def work() -> None:
         while not stop.is_set():
             h.process()
+            h.idle.set()
 
+    h.idle.set()
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     latencies = []
     for _ in range(pickups):
+        if not h.idle.wait(10):
+            raise RuntimeError("the worker did not finish a job within 10 s")
+        h.idle.clear()
         h.started.clear()
-        time.sleep(0.002)  # let the worker get back into its blocking read
+        time.sleep(0.002)  # let the worker get into its blocking read
         t_submit = time.perf_counter()
         h.enqueue()
         if not h.started.wait(10):
@@ -84,6 +96,8 @@ def measure(h: Harness, jobs: int, pickups: int) -> Figures:
     stop.set()
     h.enqueue()  # wake the worker so it sees stop
     worker.join(timeout=10)
+    while h.process():  # leave the queue empty for the next round (ends after one idle read)
+        pass
     latencies.sort()
     return Figures(
         enqueue_per_s=jobs / enqueue_s,
@@ -128,26 +142,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--pickups", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     settings = Settings.from_env(redis_prefix=f"bench{uuid.uuid4().hex[:8]}")
     client = connect(settings.redis_url)
+    rounds: list[tuple[Figures, Figures]] = []
     try:
-        ours = measure(modelfleet_harness(client, settings), args.jobs, args.pickups)
-        ref = measure(reference_harness(client, settings.redis_prefix), args.jobs, args.pickups)
+        ours_h = modelfleet_harness(client, settings)
+        ref_h = reference_harness(client, settings.redis_prefix)
+        for i in range(args.rounds):
+            if i % 2 == 0:
+                ours = measure(ours_h, args.jobs, args.pickups)
+                ref = measure(ref_h, args.jobs, args.pickups)
+            else:
+                ref = measure(ref_h, args.jobs, args.pickups)
+                ours = measure(ours_h, args.jobs, args.pickups)
+            rounds.append((ours, ref))
     finally:
         keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
-    print(f"{args.jobs} no-op jobs, {args.pickups} pickups, Redis {settings.redis_url}")
-    print(f"{'':24}{'modelfleet':>12}{'reference':>12}{'ratio':>8}")
+    print(f"{args.jobs} no-op jobs, {args.pickups} pickups, {args.rounds} rounds, Redis {settings.redis_url}")
+    print(f"{'median of rounds':24}{'modelfleet':>12}{'reference':>12}{'ratio':>8}   ratio per round")
     for label, attr in (
         ("enqueue jobs/s", "enqueue_per_s"),
         ("completion jobs/s", "complete_per_s"),
         ("pickup p50 ms", "pickup_p50_ms"),
         ("pickup p99 ms", "pickup_p99_ms"),
     ):
-        a, b = getattr(ours, attr), getattr(ref, attr)
-        print(f"{label:24}{a:12.2f}{b:12.2f}{a / b:8.2f}")
+        a = statistics.median(getattr(ours, attr) for ours, _ in rounds)
+        b = statistics.median(getattr(ref, attr) for _, ref in rounds)
+        ratios = [getattr(ours, attr) / getattr(ref, attr) for ours, ref in rounds]
+        each = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"{label:24}{a:12.2f}{b:12.2f}{statistics.median(ratios):8.2f}   {each}")
 
 
 if __name__ == "__main__":
