@@ -62,6 +62,9 @@ class Settings:
     tls_client_cert_file: str = ""
     tls_client_key_file: str = ""
     tls_server_name: str = ""
+    # Plaintext port serving only grpc.health.v1 (0 = off): Kubernetes' native
+    # gRPC probes cannot speak TLS, so with TLS on they probe this port instead.
+    health_port: int = 0
     # Seconds in-flight calls get to finish after SIGTERM.
     shutdown_grace_s: float = 10.0
 
@@ -117,7 +120,15 @@ class Settings:
             raise InvalidArgument(f"MODELFLEET_LOG_FORMAT must be json or text, not {self.log_format!r}")
         if self.nan_policy not in ("allow", "reject"):
             raise InvalidArgument(f"MODELFLEET_NAN_POLICY must be allow or reject, not {self.nan_policy!r}")
-        for name in ("inference_port", "metrics_port", "data_port", "training_port", "compression_port"):
+        ports = (
+            "inference_port",
+            "metrics_port",
+            "data_port",
+            "training_port",
+            "compression_port",
+            "health_port",
+        )
+        for name in ports:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise InvalidArgument(f"MODELFLEET_{name.upper()} must be a port number, not {port}")

@@ -3,7 +3,8 @@
 It adds the standard ``grpc.health.v1`` service (NOT_SERVING until the service
 says it is ready, and again from shutdown, so Kubernetes' native gRPC probes
 work), server reflection, message size limits, the interceptor (auth, ids,
-metrics, error mapping), an optional Prometheus HTTP endpoint, and a graceful
+metrics, error mapping), an optional Prometheus HTTP endpoint, an optional
+plaintext health-only port (``health_port``, for probes when TLS is on), and a graceful
 SIGTERM/SIGINT drain: health flips to NOT_SERVING, in-flight calls get
 ``shutdown_grace_s`` to finish, then the server stops.
 """
@@ -77,6 +78,12 @@ class ServiceHost:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health_server: grpc.aio.Server | None = None
+        if settings.health_port:
+            # Plaintext, health only and no interceptor: the same servicer object, so
+            # readiness and drain read the same here as on the (TLS) main port.
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
 
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, service_name: str) -> None:
         """Add a servicer: ``register`` is the generated ``add_XServicer_to_server``,
@@ -94,33 +101,48 @@ class ServiceHost:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        address = f"{self.settings.host}:{self.port}"
-        try:
-            credentials = server_credentials(self.settings)
-            if credentials is None:
-                bound = self.server.add_insecure_port(address)
-            else:
-                bound = self.server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
-            raise Unavailable(f"{self.name}: cannot listen on {address}: {exc}") from exc
-        if bound == 0:
-            raise Unavailable(f"{self.name}: cannot listen on {address} (port in use?)")
+        credentials = server_credentials(self.settings)
+        bound = self._bind(self.server, self.port, credentials)
+        if self.health_server is not None:
+            self._bind(self.health_server, self.settings.health_port, None)
         self.port = bound
         await self.set_serving(False)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.metrics_port:
             try:
                 start_http_server(self.metrics_port, addr=self.settings.host)
             except OSError as exc:
                 await self.server.stop(None)
+                if self.health_server is not None:
+                    await self.health_server.stop(None)
                 raise Unavailable(
                     f"{self.name}: cannot serve metrics on port {self.metrics_port}: {exc}"
                 ) from exc
         log.info(
             "%s listening",
             self.name,
-            extra={"port": bound, "metrics_port": self.metrics_port, "tls": credentials is not None},
+            extra={
+                "port": bound,
+                "metrics_port": self.metrics_port,
+                "health_port": self.settings.health_port or None,
+                "tls": credentials is not None,
+            },
         )
+        return bound
+
+    def _bind(self, server: grpc.aio.Server, port: int, credentials: grpc.ServerCredentials | None) -> int:
+        address = f"{self.settings.host}:{port}"
+        try:
+            if credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise Unavailable(f"{self.name}: cannot listen on {address}: {exc}") from exc
+        if bound == 0:
+            raise Unavailable(f"{self.name}: cannot listen on {address} (port in use?)")
         return bound
 
     async def set_serving(self, serving: bool) -> None:
@@ -138,6 +160,9 @@ class ServiceHost:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("%s draining", self.name, extra={"grace_s": grace})
         await self.server.stop(grace)
+        if self.health_server is not None:
+            # Probes saw NOT_SERVING through the whole drain; only now does the port close.
+            await self.health_server.stop(None)
         for hook in self._shutdown_hooks:
             try:
                 await hook()
