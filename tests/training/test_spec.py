@@ -24,7 +24,9 @@ def good() -> ts.TrainingSpec:
     return ts.TrainingSpec(dataset_name="digits", model_name="digits-mlp")
 
 
-def meta(task: int = data_pb2.DATASET_TASK_CLASSIFICATION, classes: int = 10) -> data_pb2.DatasetVersion:
+def meta(
+    task: data_pb2.DatasetTask.ValueType = data_pb2.DATASET_TASK_CLASSIFICATION, classes: int = 10
+) -> data_pb2.DatasetVersion:
     return data_pb2.DatasetVersion(
         name="digits", version="3", num_features=64, task=task, num_classes=classes
     )
@@ -63,6 +65,14 @@ def _set(field: str, value: object) -> Mutation:
     return apply
 
 
+def _both(first: Mutation, second: Mutation) -> Mutation:
+    def apply(spec: ts.TrainingSpec) -> None:
+        first(spec)
+        second(spec)
+
+    return apply
+
+
 BAD_SPECS: list[tuple[str, Mutation, str]] = [
     ("no dataset", _set("dataset_name", ""), "spec.dataset_name"),
     ("bad dataset name", _set("dataset_name", "../etc"), "spec.dataset_name"),
@@ -73,14 +83,14 @@ BAD_SPECS: list[tuple[str, Mutation, str]] = [
     ("nan lr", _set("learning_rate", math.nan), "spec.learning_rate"),
     (
         "momentum 1",
-        lambda s: (_set("optimizer", ts.OPTIMIZER_SGD)(s), _set("momentum", 1.0)(s)),
+        _both(_set("optimizer", ts.OPTIMIZER_SGD), _set("momentum", 1.0)),
         "spec.momentum",
     ),
     ("momentum with adam", _set("momentum", 0.9), "spec.momentum"),
     ("negative epochs", _set("epochs", -1), "spec.epochs"),
     ("huge epochs", _set("epochs", 10**9), "spec.epochs"),
     ("negative batch", _set("batch_size", -5), "spec.batch_size"),
-    ("batch below world", lambda s: (_set("world_size", 4)(s), _set("batch_size", 2)(s)), "spec.batch_size"),
+    ("batch below world", _both(_set("world_size", 4), _set("batch_size", 2)), "spec.batch_size"),
     ("negative world", _set("world_size", -1), "spec.world_size"),
     ("huge world", _set("world_size", 1000), "spec.world_size"),
     ("negative decay", _set("weight_decay", -1e-4), "spec.weight_decay"),
@@ -94,7 +104,7 @@ BAD_SPECS: list[tuple[str, Mutation, str]] = [
     ("unknown device", _set("device", 9), "spec.device"),
     (
         "loss for wrong task",
-        lambda s: (_set("task", ts.TASK_CLASSIFICATION)(s), _set("loss", ts.LOSS_MSE)(s)),
+        _both(_set("task", ts.TASK_CLASSIFICATION), _set("loss", ts.LOSS_MSE)),
         "spec.loss",
     ),
     (
