@@ -164,11 +164,11 @@ class Transitions:
 
 def _pack(items: list[Any]) -> bytes:
     """Length-prefixed items; numbers as redis-py would send them (``repr`` of a float)."""
-    out = []
-    for item in items:
-        raw = item if isinstance(item, bytes) else (item if isinstance(item, str) else repr(item)).encode()
-        out += [_LENGTH.pack(len(raw)), raw]
-    return b"".join(out)
+    raws = [
+        item if type(item) is bytes else (item if type(item) is str else repr(item)).encode()
+        for item in items
+    ]
+    return b"".join(_LENGTH.pack(len(raw)) + raw for raw in raws)
 
 
 def now() -> Timestamp:
