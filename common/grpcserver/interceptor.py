@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
 from common.auth import ANONYMOUS, Authenticator, principal_var
-from common.errors import ModelfleetError
+from common.errors import InvalidArgument, ModelfleetError
 from common.grpcserver.errors import status_for
 from common.logging import method_var, request_id_var
 
@@ -85,20 +86,58 @@ def _done(method: str, start: float, context: grpc.aio.ServicerContext) -> None:
     LATENCY.labels(method).observe(time.perf_counter() - start)
 
 
+class _Undecodable:
+    """A request message that did not parse. grpc answers a deserializer's exception
+    with UNKNOWN and the exception's text, so the deserializer hands this over instead
+    and the handler wrapper turns it into INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"request message is not valid protobuf: {request.reason}")
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler, method: str, auth: Authenticator, public: bool
 ) -> grpc.RpcMethodHandler:
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _lenient(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
+    streaming_in = handler.request_streaming
+
+    def checked(request: Any) -> Any:
+        return _decoded_stream(request) if streaming_in else _decoded(request)
+
     if not handler.response_streaming:
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 start = _begin(method, auth, public, context)
-                response = await inner(request, context)
+                response = await inner(checked(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -115,7 +154,7 @@ def _wrap(
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             start = _begin(method, auth, public, context)
-            async for item in inner_stream(request, context):
+            async for item in inner_stream(checked(request), context):
                 yield item
         except grpc.aio.AbortError:
             raise
