@@ -1,0 +1,118 @@
+"""One fuzz fleet per session: all four services in a subprocess (so its RSS
+and a crash are visible), seeded with a model, a dataset and a job whose names
+the strategies mix into their strings, plus a model the fuzzers never name,
+used for the post-fuzz health check. Hypothesis runs derandomized without a
+database, so CI replays the same inputs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+
+from common.api.modelfleet.data.v1 import data_pb2
+from common.artifacts import ArtifactStore
+from common.jobs import JobQueue
+from common.redis import connect
+from common.registry import ModelRegistry
+from common.settings import Settings
+from tests.conftest import REDIS_URL, _purge
+from tests.fuzz.harness import CODES, TRIED, Fleet, assert_healthy, infer_ok, start_fleet
+from tests.inference.conftest import register_mlp
+from tests.jobs.helpers import training_job
+
+torch.set_num_threads(1)
+
+FUZZ_MODEL = "fuzz-mlp"
+FUZZ_DATASET = "fuzz-iris"
+
+
+def profile(max_examples: int) -> hypothesis_settings:
+    return hypothesis_settings(
+        max_examples=max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=False,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def fuzz_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings.from_env(
+        {},
+        redis_url=REDIS_URL,
+        redis_prefix=f"mfz{uuid.uuid4().hex[:10]}",
+        artifact_root=tmp_path_factory.mktemp("fuzz") / "artifacts",
+        host="127.0.0.1",
+        inference_port=0,
+        data_port=0,
+        training_port=0,
+        compression_port=0,
+        metrics_port=0,
+        log_format="text",
+        device="cpu",
+        shutdown_grace_s=2.0,
+        # Small limits so hostile sizes hit them instead of building big datasets.
+        max_upload_bytes=1024 * 1024,
+        max_message_bytes=8 * 1024 * 1024,
+    )
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    names = (
+        "redis_url redis_prefix artifact_root host inference_port data_port training_port "
+        "compression_port metrics_port log_format device shutdown_grace_s max_upload_bytes max_message_bytes"
+    )
+    return {f"MODELFLEET_{n.upper()}": str(getattr(settings, n)) for n in names.split()}
+
+
+@pytest.fixture(scope="session")
+def fleet(fuzz_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    client = connect(fuzz_settings.redis_url)
+    _purge(client, fuzz_settings.redis_prefix)
+    registry = ModelRegistry(client, fuzz_settings.redis_prefix)
+    store = ArtifactStore(fuzz_settings.artifact_root)
+    keep_model = f"keep-{uuid.uuid4().hex[:8]}"
+    register_mlp(registry, store, keep_model)
+    register_mlp(registry, store, FUZZ_MODEL, seed=1)
+    job = JobQueue(client, fuzz_settings).submit(training_job())
+    log_path = tmp_path_factory.mktemp("fuzzlog") / "server.log"
+    fleet = start_fleet(_env(fuzz_settings), log_path, keep_model)
+    try:
+        data = fleet.channel("modelfleet.data.v1.DataService")
+        data.unary_unary("/modelfleet.data.v1.DataService/CreateDatasetFromSource")(
+            data_pb2.CreateDatasetFromSourceRequest(
+                name=FUZZ_DATASET, source=data_pb2.BUILTIN_SOURCE_IRIS
+            ).SerializeToString(),
+            timeout=60,
+        )
+        fleet.known = (FUZZ_MODEL, FUZZ_DATASET, job.id, "1", "2")
+        for _ in range(20):  # warm the inference path before the baseline
+            infer_ok(fleet)
+        fleet.baseline_rss = fleet.rss_bytes()
+        assert_healthy(fleet)
+        yield fleet
+    finally:
+        fleet.close()
+        _purge(client, fuzz_settings.redis_prefix)
+        client.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not TRIED:
+        return
+    terminalreporter.section("fuzz: inputs tried per RPC (status codes seen)")
+    for path, count in sorted(TRIED.items()):
+        codes = ", ".join(f"{code} {n}" for code, n in CODES[path].most_common())
+        terminalreporter.write_line(f"{count:6d}  {path}  ({codes})")
+    terminalreporter.write_line(f"{sum(TRIED.values()):6d}  total over {len(TRIED)} RPCs")
