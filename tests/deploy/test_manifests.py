@@ -3,7 +3,10 @@
 Every overlay is rendered (tests/deploy/kustomize.py; cross-checked against a
 real kustomize where one is installed), each object is validated offline
 against the Kubernetes OpenAPI schemas, and the settings, ports, commands and
-image are checked against common/settings.py, the CLI and the Dockerfile.
+image are checked against common/settings.py, the CLI and the Dockerfile. Each
+app container's settings are built the way its pod would build them: the
+ConfigMap, its own env, and the files its Secret volumes mount (written to a
+temporary directory), so a file path that misses its mount fails here.
 """
 
 from __future__ import annotations
@@ -20,18 +23,29 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.auth import parse_token_lines
 from common.settings import ENV_PREFIX, Settings
 from services.cli.serve import SERVICES, WORKERS
 from tests.deploy.kustomize import render, split_image
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "gpu-tls")
+GPU_OVERLAYS = {"gpu", "gpu-tls"}
+TLS_OVERLAYS = {"gpu-tls"}
 # Oldest Kubernetes the manifests target (native gRPC probes are GA since 1.27).
 K8S_VERSION = "1.30.0"
 PRESTOP_PAUSE_S = 5
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-IMAGE = {"cpu": f"modelfleet:{VERSION}", "gpu": f"modelfleet:{VERSION}-cuda"}
+IMAGE = {
+    "cpu": f"modelfleet:{VERSION}",
+    "gpu": f"modelfleet:{VERSION}-cuda",
+    "gpu-tls": f"modelfleet:{VERSION}-cuda",
+}
+# Secrets made out of band (cert-manager layout), with the keys a pod may find in them.
+EXTERNAL_SECRETS = {"modelfleet-tls": ("tls.crt", "tls.key", "ca.crt")}
+# Where plain tokens would go; neither may appear in a manifest.
+PLAIN_TOKEN_VARS = re.compile(r"MODELFLEET_AUTH_TOKENS(?!_FILE)|MODELFLEET_TOKEN\b")
 
 Obj = dict[str, Any]
 
@@ -69,8 +83,48 @@ def app_container(objects: list[Obj], name: str) -> Obj:
 
 
 def configured(objects: list[Obj]) -> Settings:
-    env = {**by_kind(objects, "ConfigMap")["modelfleet-config"]["data"]}
-    env.update(by_kind(objects, "Secret")["modelfleet-auth"]["stringData"])
+    """The settings every pod shares (the ConfigMap)."""
+    return Settings.from_env(by_kind(objects, "ConfigMap")["modelfleet-config"]["data"])
+
+
+def container_env(objects: list[Obj], name: str) -> dict[str, str]:
+    env = dict(by_kind(objects, "ConfigMap")["modelfleet-config"]["data"])
+    env.update({var["name"]: var["value"] for var in app_container(objects, name).get("env", [])})
+    return env
+
+
+def mounted_files(objects: list[Obj], name: str) -> dict[str, str]:
+    """Path -> content of every file the container sees from a Secret volume."""
+    pod = pod_specs(objects)[name]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secrets = by_kind(objects, "Secret")
+    files = {}
+    for mount in app_container(objects, name).get("volumeMounts", []):
+        source = volumes[mount["name"]].get("secret")
+        if source is None:
+            continue
+        secret_name = source["secretName"]
+        if secret_name in secrets:
+            data = secrets[secret_name]["stringData"]
+        else:
+            data = dict.fromkeys(EXTERNAL_SECRETS[secret_name], "")
+        # A Secret mounted with subPath never sees an update: rotation needs the directory.
+        assert "subPath" not in mount and mount.get("readOnly") is True, (name, mount)
+        files.update({f"{mount['mountPath']}/{key}": text for key, text in data.items()})
+    return files
+
+
+def container_settings(objects: list[Obj], name: str, scratch: Path) -> Settings:
+    """The settings ``name``'s container would build, its mounted files written under ``scratch``."""
+    env = container_env(objects, name)
+    files = mounted_files(objects, name)
+    for key, value in env.items():
+        if key.endswith("_FILE") and value:
+            assert value in files, f"{name}: {key}={value} is not a file any volume mounts"
+            local = scratch / name / value.lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text(files[value])
+            env[key] = str(local)
     return Settings.from_env(env)
 
 
@@ -114,7 +168,6 @@ def test_everything_lives_in_one_namespace_and_is_labelled(objects: list[Obj]) -
 def test_env_names_are_settings_fields_and_values_parse(objects: list[Obj]) -> None:
     names = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
     env_names = set(by_kind(objects, "ConfigMap")["modelfleet-config"]["data"])
-    env_names |= set(by_kind(objects, "Secret")["modelfleet-auth"]["stringData"])
     for pod in pod_specs(objects).values():
         for container in pod["containers"]:
             env_names |= {var["name"] for var in container.get("env", [])}
@@ -124,33 +177,70 @@ def test_env_names_are_settings_fields_and_values_parse(objects: list[Obj]) -> N
     configured(objects)  # raises InvalidArgument naming the variable on a bad value
 
 
-def test_every_app_container_reads_the_config_and_the_auth_secret(objects: list[Obj]) -> None:
+def test_every_app_container_starts_with_its_own_settings(
+    objects: list[Obj], overlay: str, tmp_path: Path
+) -> None:
     for name in [*SERVICES, *(f"{kind}-worker" for kind in WORKERS)]:
-        sources = app_container(objects, name)["envFrom"]
-        assert {"configMapRef": {"name": "modelfleet-config"}} in sources
-        assert {"secretRef": {"name": "modelfleet-auth"}} in sources
+        assert app_container(objects, name)["envFrom"] == [{"configMapRef": {"name": "modelfleet-config"}}]
+        # Raises InvalidArgument naming the variable on a bad value or a path that is not a file.
+        settings = container_settings(objects, name, tmp_path)
+        if name in SERVICES:
+            assert settings.auth_tokens_file and not settings.auth_tokens, name
+            assert settings.server_tls == (overlay in TLS_OVERLAYS), name
+        else:
+            # Workers call no service (only Redis and the artifact volume): no tokens, no certificates.
+            assert mounted_files(objects, name) == {}, name
+            assert not settings.auth_tokens_file and not settings.server_tls, name
 
 
-def test_auth_secret_is_a_marked_placeholder(objects: list[Obj]) -> None:
-    tokens = by_kind(objects, "Secret")["modelfleet-auth"]["stringData"]["MODELFLEET_AUTH_TOKENS"]
-    assert "CHANGE-ME" in tokens
-    assert "MODELFLEET_AUTH_TOKENS" in (ROOT / "docs" / "operations.md").read_text()
+def test_token_hash_file_is_mounted_where_the_env_points(objects: list[Obj]) -> None:
+    secret = by_kind(objects, "Secret")["modelfleet-auth"]
+    for name in SERVICES:
+        path = container_env(objects, name)["MODELFLEET_AUTH_TOKENS_FILE"]
+        mount_path, _, key = path.rpartition("/")
+        (mount,) = [m for m in app_container(objects, name)["volumeMounts"] if m["mountPath"] == mount_path]
+        (volume,) = [v for v in pod_specs(objects)[name]["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"], name
+        assert key in secret["stringData"], name
+
+
+def test_no_plain_tokens_anywhere_and_the_shipped_file_grants_nothing(objects: list[Obj]) -> None:
+    for obj in objects:
+        assert not PLAIN_TOKEN_VARS.search(yaml.safe_dump(obj)), _key(obj)
+    (secret,) = by_kind(objects, "Secret").values()
+    (text,) = secret["stringData"].values()
+    # Only commented placeholder lines: fail closed (UNAUTHENTICATED) until real hashes go in.
+    assert parse_token_lines(text.splitlines()) == []
+    assert "CHANGE-ME" in text
+    assert "modelfleet auth hash-token" in (K8S / "base" / "secret.yaml").read_text()
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    assert "modelfleet auth hash-token" in operations and "MODELFLEET_AUTH_TOKENS_FILE" in operations
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_service_ports_and_probes_match_settings(objects: list[Obj], service: str) -> None:
+def test_service_ports_and_probes_match_settings(objects: list[Obj], overlay: str, service: str) -> None:
     port = getattr(Settings(), f"{service}_port")
-    assert getattr(configured(objects), f"{service}_port") == port
+    settings = configured(objects)
+    assert getattr(settings, f"{service}_port") == port
     container = app_container(objects, service)
     assert container["command"] == ["modelfleet", "serve", service]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == port
+    if overlay in TLS_OVERLAYS:
+        # Probes cannot speak TLS: they go to the plaintext health-only port.
+        assert settings.health_port not in (0, port)
+        assert ports["health"] == settings.health_port
+        probe_port = settings.health_port
+    else:
+        assert settings.health_port == 0 and "health" not in ports
+        probe_port = port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # Native gRPC probe: grpc.health.v1 on the serving port, overall ("") status.
-        assert container[probe]["grpc"] == {"port": port}, probe
+        # Native gRPC probe: grpc.health.v1, overall ("") status.
+        assert container[probe]["grpc"] == {"port": probe_port}, probe
     svc = by_kind(objects, "Service")[service]
     svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert svc_ports["grpc"]["port"] == port and svc_ports["grpc"]["targetPort"] == "grpc"
+    assert "health" not in svc_ports  # for the kubelet only, not a client endpoint
     template_labels = by_kind(objects, "Deployment")[service]["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= template_labels.items()
     assert by_kind(objects, "ServiceAccount")[service]
@@ -181,14 +271,14 @@ def test_gpu_only_in_the_gpu_overlay_and_only_for_workers(objects: list[Obj], ov
         resources = container["resources"]
         gpus = {resources["requests"].get("nvidia.com/gpu"), resources["limits"].get("nvidia.com/gpu")}
         env = {var["name"]: var["value"] for var in container.get("env", [])}
-        if overlay == "gpu" and name.endswith("-worker"):
+        if overlay in GPU_OVERLAYS and name.endswith("-worker"):
             assert gpus == {"1"}, name
             assert env["MODELFLEET_DEVICE"] == "cuda"
             assert pod["nodeSelector"] and pod["tolerations"]
         else:
             assert gpus == {None}, name
             assert "nodeSelector" not in pod and "tolerations" not in pod
-    assert settings.device == ("cpu" if overlay == "cpu" else "auto")
+    assert settings.device == ("auto" if overlay in GPU_OVERLAYS else "cpu")
 
 
 def test_images_are_the_ones_the_dockerfile_builds(objects: list[Obj], overlay: str) -> None:
@@ -284,6 +374,26 @@ def test_network_policy_denies_by_default_and_admits_only_fleet_to_redis(objects
     for name, policy in policies.items():
         if "Ingress" in policy["spec"]["policyTypes"] and policy["spec"].get("ingress"):
             assert not policy["spec"]["podSelector"]["matchLabels"].items() <= worker_labels.items(), name
+    # Clients reach the gRPC and metrics ports only, never the plaintext health port.
+    (clients,) = policies["grpc-clients"]["spec"]["ingress"]
+    assert {port["port"] for port in clients["ports"]} == {"grpc", "metrics"}
+
+
+def test_mtls_component_adds_the_client_ca_after_tls(tmp_path: Path) -> None:
+    overlay = tmp_path / "mtls"
+    overlay.mkdir()
+    kustomization = {
+        "resources": [str(K8S / "base")],
+        "components": [str(K8S / "components" / "tls"), str(K8S / "components" / "mtls")],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    objects = render(overlay)
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    for name in SERVICES:
+        settings = container_settings(objects, name, tmp_path)
+        assert settings.server_tls and settings.tls_client_ca_file.endswith("/ca.crt"), name
+        assert container_env(objects, name)["MODELFLEET_TLS_CLIENT_CA_FILE"] == "/etc/modelfleet/tls/ca.crt"
 
 
 def test_dockerfile_is_multi_stage_non_root_with_pinned_cpu_torch() -> None:
