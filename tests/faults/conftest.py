@@ -57,6 +57,7 @@ class Fleet:
         self.settings = settings
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
 
     def start(self, *args: str, settings: Settings | None = None) -> subprocess.Popen[bytes]:
         """``modelfleet <args>`` with ``settings`` (default: the fleet's) in MODELFLEET_* env."""
@@ -72,10 +73,15 @@ class Fleet:
                 start_new_session=True,
             )
         self.procs.append(proc)
+        self.logs.append(log_path)
         return proc
 
     def worker(self, settings: Settings | None = None) -> subprocess.Popen[bytes]:
         return self.start("worker", "training", settings=settings)
+
+    def log(self, n: int) -> bytes:
+        """What the ``n``-th started process has logged so far."""
+        return self.logs[n].read_bytes()
 
     def close(self) -> None:
         for proc in self.procs:
