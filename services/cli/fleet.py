@@ -69,16 +69,17 @@ class Fleet:
         (self.home / "logs").mkdir(exist_ok=True)
         self._check_ports()
         self._ensure_redis()
+        # One machine, one port each: only inference serves metrics, nobody a separate health port.
         env = {**os.environ, **self.settings.env()}
+        env.update(MODELFLEET_METRICS_PORT="0", MODELFLEET_HEALTH_PORT="0")
         try:
             for name, command, _ in SERVICES:
-                child_env = {
-                    **env,
-                    "MODELFLEET_METRICS_PORT": str(self.settings.metrics_port if name == "inference" else 0),
-                }
+                child_env = dict(env)
+                if name == "inference":
+                    child_env["MODELFLEET_METRICS_PORT"] = str(self.settings.metrics_port)
                 self._spawn(name, command, child_env)
             for name, command in WORKERS:
-                self._spawn(name, command, {**env, "MODELFLEET_METRICS_PORT": "0"})
+                self._spawn(name, command, env)
             for name, _, port_field in SERVICES:
                 self._wait_healthy(name, getattr(self.settings, port_field))
         except BaseException:

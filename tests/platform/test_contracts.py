@@ -45,7 +45,9 @@ def reference() -> descriptor_pb2.FileDescriptorProto:
     return descriptor_pb2.FileDescriptorProto.FromString(out)
 
 
-def _flat(messages: list[descriptor_pb2.DescriptorProto], prefix: str = "") -> dict[str, descriptor_pb2.DescriptorProto]:
+def _flat(
+    messages: list[descriptor_pb2.DescriptorProto], prefix: str = ""
+) -> dict[str, descriptor_pb2.DescriptorProto]:
     out = {}
     for m in messages:
         out[prefix + m.name] = m
@@ -53,7 +55,9 @@ def _flat(messages: list[descriptor_pb2.DescriptorProto], prefix: str = "") -> d
     return out
 
 
-def test_oip_messages_are_wire_compatible_with_tritonclient(reference: descriptor_pb2.FileDescriptorProto) -> None:
+def test_oip_messages_are_wire_compatible_with_tritonclient(
+    reference: descriptor_pb2.FileDescriptorProto,
+) -> None:
     ours = _flat(list(_as_proto(oip.DESCRIPTOR).message_type))
     theirs = _flat(list(reference.message_type))
     assert len(ours) >= 30
@@ -79,7 +83,10 @@ def test_oip_service_methods_match_reference(reference: descriptor_pb2.FileDescr
     for method in ours.method:
         ref = methods[method.name]
         assert (method.input_type, method.output_type) == (ref.input_type, ref.output_type), method.name
-        assert (method.client_streaming, method.server_streaming) == (ref.client_streaming, ref.server_streaming)
+        assert (method.client_streaming, method.server_streaming) == (
+            ref.client_streaming,
+            ref.server_streaming,
+        )
 
 
 def _our_files() -> list[FileDescriptor]:
