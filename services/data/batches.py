@@ -45,6 +45,8 @@ def plan(
         )
     if not 0 <= request.start_offset <= rows:
         raise InvalidArgument(f"start_offset must be in 0..{rows}, not {request.start_offset}")
+    if request.seed < 0:
+        raise InvalidArgument(f"seed must be >= 0, not {request.seed}")
     order = np.random.default_rng(request.seed).permutation(rows) if request.shuffle else np.arange(rows)
     return BatchPlan(order=order, batch_size=size, start=int(request.start_offset))
 
