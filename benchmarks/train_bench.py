@@ -10,7 +10,7 @@ loop only) and end to end (rows x epochs over the job's RUNNING time, so it
 includes spawning ranks, checkpoints, validation and registration).
 Needs a Redis at MODELFLEET_REDIS_URL; uses its own key prefix and removes it.
 
-    python benchmarks/train_bench.py [--rows 40000] [--features 64] [--epochs 4] [--batch-size 128]
+    python benchmarks/train_bench.py [--rows 40000] [--features 64] [--epochs 6] [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,27 +123,39 @@ def plain_loop(settings: Settings, spec: ts.TrainingSpec) -> list[float]:
     return rates
 
 
-async def run_job(
-    channel: grpc.aio.Channel, spec: ts.TrainingSpec, train_rows: int
-) -> tuple[list[float], float]:
-    """Per-epoch samples/s reported by the trainer, and end-to-end samples/s."""
+@dataclass
+class JobFigures:
+    epoch_rates: list[float]  # samples/s of each epoch's training loop, as the trainer reported
+    end_to_end: float  # rows x epochs / RUNNING time
+    startup_s: float  # RUNNING until the first epoch's report: spawning ranks, rendezvous, mapping data
+    finish_s: float  # last epoch's report until SUCCEEDED: final weights, test metrics, registration
+
+
+async def run_job(channel: grpc.aio.Channel, spec: ts.TrainingSpec, train_rows: int) -> JobFigures:
     training = training_pb2_grpc.TrainingServiceStub(channel)
     jobs = jobs_pb2_grpc.JobServiceStub(channel)
     job = (await training.SubmitTrainingJob(training_pb2.SubmitTrainingJobRequest(spec=spec))).job
     rates: list[float] = []
+    epoch_times: list[int] = []
     final = job
     async with asyncio.timeout(JOB_TIMEOUT_S):
         async for response in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id, from_beginning=True)):
             event = response.event
             if event.type == jobs_pb2.JOB_EVENT_TYPE_PROGRESS and "samples_per_second" in event.metrics:
                 rates.append(event.metrics["samples_per_second"])
+                epoch_times.append(event.time.ToNanoseconds())
             final = response.job
             if final.state in TERMINAL:
                 break
     if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
         raise SystemExit(f"job {job.id} ended {jobs_pb2.JobState.Name(final.state)}: {final.last_error}")
-    running_s = (final.finished_at.ToNanoseconds() - final.started_at.ToNanoseconds()) / 1e9
-    return rates, train_rows * spec.epochs / running_s
+    started, finished = final.started_at.ToNanoseconds(), final.finished_at.ToNanoseconds()
+    return JobFigures(
+        epoch_rates=rates,
+        end_to_end=train_rows * spec.epochs / ((finished - started) / 1e9),
+        startup_s=(epoch_times[0] - started) / 1e9,
+        finish_s=(finished - epoch_times[-1]) / 1e9,
+    )
 
 
 async def guarded(worker: subprocess.Popen[bytes], job: Coroutine[Any, Any, T]) -> T:
@@ -160,7 +173,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
 
@@ -203,17 +216,16 @@ async def main() -> None:
                 # The reference runs right before and after each job and the faster
                 # of the two counts, so noisy neighbours cannot flatter the ratio.
                 before = statistics.median(plain_loop(settings, bench_spec(args, 1)))
-                rates, end_to_end = await guarded(
-                    worker, run_job(channel, bench_spec(args, world_size), train_rows)
-                )
+                job = await guarded(worker, run_job(channel, bench_spec(args, world_size), train_rows))
                 after = statistics.median(plain_loop(settings, bench_spec(args, 1)))
                 plain = max(before, after)
-                loop_rate = statistics.median(rates)
+                loop_rate = statistics.median(job.epoch_rates)
                 print(
                     f"world_size={world_size}: plain loop {plain:,.0f} samples/s "
                     f"(runs: {before:,.0f}, {after:,.0f}); "
                     f"service {loop_rate:,.0f} samples/s = {loop_rate / plain:.2f}x; "
-                    f"end-to-end {end_to_end:,.0f} samples/s = {end_to_end / plain:.2f}x"
+                    f"end-to-end {job.end_to_end:,.0f} samples/s = {job.end_to_end / plain:.2f}x "
+                    f"(startup {job.startup_s:.1f} s, finish {job.finish_s:.1f} s)"
                 )
     finally:
         if worker is not None:
