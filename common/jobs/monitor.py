@@ -1,5 +1,6 @@
 """AttemptMonitor: one thread per worker that heartbeats the running attempt and polls it
-for cancellation, so starting a job costs no thread and a short job no Redis traffic."""
+for cancellation, so starting a job costs no thread, no wake-up and, for a job shorter than
+POLL_S, no Redis traffic."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class AttemptMonitor:
                 self._closing = False
                 self._thread = threading.Thread(target=self._run, name="job-monitor", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            # No notify: an idle monitor wakes every POLL_S anyway, before the first check is due.
 
     def release(self) -> None:
         """Stop watching the current attempt. A check already in flight may still finish; on
@@ -69,7 +70,7 @@ class AttemptMonitor:
                 while not self._closing:
                     watched = self._current
                     if watched is None:
-                        self._cond.wait()
+                        self._cond.wait(POLL_S)
                         continue
                     delay = min(watched.next_poll, watched.next_beat) - time.monotonic()
                     if delay <= 0:
