@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -22,9 +23,9 @@ WAIT_S = 90.0
 
 
 def state_events(client: redis.Redis, settings: Settings, job_id: str) -> list[jobs_pb2.JobEvent]:
-    raw = client.xrange(f"{settings.redis_prefix}:job:{job_id}:events")
+    raw: Any = client.xrange(f"{settings.redis_prefix}:job:{job_id}:events")
     events = []
-    for _, values in raw:  # type: ignore[union-attr]
+    for _, values in raw:
         event = jobs_pb2.JobEvent()
         event.ParseFromString(values[b"event"])
         if event.type == jobs_pb2.JOB_EVENT_TYPE_STATE:
