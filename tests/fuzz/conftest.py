@@ -21,7 +21,16 @@ from common.redis import connect
 from common.registry import ModelRegistry
 from common.settings import Settings
 from tests.conftest import REDIS_URL, _purge
-from tests.fuzz.harness import CODES, TRIED, Fleet, assert_healthy, infer_ok, start_fleet
+from tests.fuzz.harness import (
+    CODES,
+    RSS_BOUND_MIB,
+    RSS_MIB,
+    TRIED,
+    Fleet,
+    assert_healthy,
+    infer_ok,
+    start_fleet,
+)
 from tests.inference.conftest import register_mlp
 from tests.jobs.helpers import training_job
 
@@ -102,6 +111,7 @@ def fleet(fuzz_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
         fleet.baseline_rss = fleet.rss_bytes()
         assert_healthy(fleet)
         yield fleet
+        RSS_MIB.update(baseline=fleet.baseline_rss / 2**20, end=fleet.rss_bytes() / 2**20)
     finally:
         fleet.close()
         _purge(client, fuzz_settings.redis_prefix)
@@ -116,3 +126,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         codes = ", ".join(f"{code} {n}" for code, n in CODES[path].most_common())
         terminalreporter.write_line(f"{count:6d}  {path}  ({codes})")
     terminalreporter.write_line(f"{sum(TRIED.values()):6d}  total over {len(TRIED)} RPCs")
+    if RSS_MIB:
+        terminalreporter.write_line(
+            f"server RSS {RSS_MIB['baseline']:.0f} -> {RSS_MIB['end']:.0f} MiB (bound: +{RSS_BOUND_MIB} MiB)"
+        )

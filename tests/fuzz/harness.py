@@ -37,6 +37,8 @@ WAITING_STREAMS = {"WatchJob": 2.0}
 # Inputs tried and status codes seen, per RPC path, for the terminal summary.
 TRIED: Counter[str] = Counter()
 CODES: dict[str, Counter[str]] = {}
+# Server RSS in MiB: the warm baseline and the value at teardown.
+RSS_MIB: dict[str, float] = {}
 
 
 def rpc_path(method: MethodDescriptor) -> str:
