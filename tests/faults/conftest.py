@@ -128,7 +128,12 @@ def tiny_spec(model_name: str, epochs: int = 3) -> ts.TrainingSpec:
     return spec
 
 
-def submit_tiny(client: redis.Redis, settings: Settings, model_name: str, epochs: int = 3) -> jobs_pb2.Job:
+def submit_tiny(
+    client: redis.Redis, settings: Settings, model_name: str, epochs: int = 3, max_attempts: int = 0
+) -> jobs_pb2.Job:
     """Through the training service's own submit logic (validated, pinned to the dataset version)."""
     submitter = TrainingSubmitter(JobQueue(client, settings), DatasetCatalog(client, settings.redis_prefix))
-    return submitter.submit(training_pb2.SubmitTrainingJobRequest(spec=tiny_spec(model_name, epochs)))
+    request = training_pb2.SubmitTrainingJobRequest(
+        spec=tiny_spec(model_name, epochs), max_attempts=max_attempts
+    )
+    return submitter.submit(request)
