@@ -18,7 +18,9 @@ from common.api.modelfleet.registry.v1 import registry_pb2
 from common.api.modelfleet.training.v1 import training_pb2
 from common.api.modelfleet.training.v1 import training_spec_pb2 as ts
 from common.artifacts import ArtifactStore
+from common.datasets import DatasetCatalog, load_split
 from common.models.loading import load_model
+from common.models.mlp import MLP
 from common.registry import ModelRegistry
 from common.settings import Settings
 from services.training.checkpoint import checkpoint_dir
@@ -114,15 +116,22 @@ async def test_ddp_job_trains_digits_and_registers_a_servable_model(
     assert [t.name for t in version.inputs] == ["input"] and list(version.inputs[0].shape) == [-1, 64]
     assert not checkpoint_dir(fast_settings.artifact_root, job.id).exists()
 
-    # The served model takes raw features (normalization baked in) and
-    # reproduces the metrics the trainer measured on the normalized test shard.
+    # The served model takes raw features (normalization baked in): it gives the
+    # trained layers' outputs on the normalized test shard, and the test metrics
+    # the trainer measured (up to float rounding flipping a borderline argmax).
     loaded = load_model(version, store, torch.device("cpu"))
+    assert isinstance(loaded.module, MLP)
+    record = DatasetCatalog(redis_client, fast_settings.redis_prefix).get("digits", digits.meta.version)
+    shard, _ = load_split(store, record, "test")
     with torch.no_grad():
-        logits = loaded.module(torch.from_numpy(digits.raw_test_features))
-    accuracy = float((logits.argmax(dim=1).numpy() == digits.test_labels).mean())
-    loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(digits.test_labels)))
-    assert accuracy == pytest.approx(version.metrics["test_accuracy"], abs=1e-9)
-    assert loss == pytest.approx(version.metrics["test_loss"], rel=1e-4)
+        served = loaded.module(torch.from_numpy(digits.raw_test_features))
+        trained = loaded.module.layers(torch.from_numpy(np.array(shard)))
+    assert torch.allclose(served, trained, atol=1e-4)
+    labels = torch.from_numpy(digits.test_labels)
+    accuracy = float((served.argmax(dim=1) == labels).float().mean())
+    assert accuracy == pytest.approx(version.metrics["test_accuracy"], abs=1.5 / len(labels))
+    loss = float(torch.nn.functional.cross_entropy(served, labels))
+    assert loss == pytest.approx(version.metrics["test_loss"], rel=1e-3)
 
     events = [
         e.event
@@ -143,7 +152,7 @@ async def test_sigkilled_worker_job_resumes_from_checkpoint_on_another(
     fast_settings: Settings,
 ) -> None:
     # Small batches make epochs long enough that the kill lands mid-job.
-    spec = ts.TrainingSpec(dataset_name="digits", model_name="resumed", epochs=12, batch_size=4, seed=1)
+    spec = ts.TrainingSpec(dataset_name="digits", model_name="resumed", epochs=8, batch_size=8, seed=1)
     queued = await submit(stubs, spec)
     first = spawn_worker()
     ckpt = checkpoint_dir(fast_settings.artifact_root, queued.id)
@@ -161,8 +170,8 @@ async def test_sigkilled_worker_job_resumes_from_checkpoint_on_another(
     job = await wait_for(stubs, queued.id)
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.last_error
     assert job.attempts == 2
-    assert 1 <= job.metrics["resumed_from_epoch"] < 12
-    assert job.metrics["epochs_run"] == 12
+    assert 1 <= job.metrics["resumed_from_epoch"] < 8
+    assert job.metrics["epochs_run"] == 8
     registry = ModelRegistry(redis_client, fast_settings.redis_prefix)
     versions, _ = registry.list_versions("resumed")
     assert [v.version for v in versions] == ["1"]  # finished (and registered) exactly once
