@@ -6,6 +6,7 @@ import logging
 import os
 
 import numpy as np
+import redis
 import torch
 from google.protobuf.json_format import MessageToJson
 
@@ -31,12 +32,12 @@ log = logging.getLogger(__name__)
 
 
 class TrainingHandler:
-    def __init__(self, settings: Settings, queue: JobQueue, store: ArtifactStore) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis, store: ArtifactStore) -> None:
         self.settings = settings
-        self.queue = queue
         self.store = store
-        self.catalog = DatasetCatalog(queue.client, settings.redis_prefix)
-        self.registry = ModelRegistry(queue.client, settings.redis_prefix)
+        self.queue = JobQueue(client, settings)
+        self.catalog = DatasetCatalog(client, settings.redis_prefix)
+        self.registry = ModelRegistry(client, settings.redis_prefix)
 
     def __call__(self, ctx: JobContext) -> JobOutcome:
         job = ctx.job

@@ -18,7 +18,7 @@ def run_worker(settings: Settings) -> int:
     try:
         wait_for_redis(client)
         queue = JobQueue(client, settings)
-        handler = TrainingHandler(settings, queue, ArtifactStore(settings.artifact_root))
+        handler = TrainingHandler(settings, client, ArtifactStore(settings.artifact_root))
         Worker(queue, jobs_pb2.JOB_KIND_TRAINING, handler).run()
     finally:
         client.close()

@@ -28,8 +28,11 @@ def queue(redis_client: redis.Redis, fast_settings: Settings) -> JobQueue:
     return JobQueue(redis_client, fast_settings)
 
 
-def run_one(queue: JobQueue, fast_settings: Settings, store: ArtifactStore, job_id: str) -> jobs_pb2.Job:
-    worker = Worker(queue, jobs_pb2.JOB_KIND_TRAINING, TrainingHandler(fast_settings, queue, store))
+def run_one(
+    queue: JobQueue, client: redis.Redis, fast_settings: Settings, store: ArtifactStore, job_id: str
+) -> jobs_pb2.Job:
+    handler = TrainingHandler(fast_settings, client, store)
+    worker = Worker(queue, jobs_pb2.JOB_KIND_TRAINING, handler)
     for _ in range(20):  # bounded: the queued job is delivered within a few polls
         if worker.run_once(block_ms=200):
             break
@@ -63,7 +66,7 @@ def test_regression_with_early_stopping_keeps_the_best_epoch(
     spec.early_stopping.min_delta = 1e-3
     job = TrainingSubmitter(queue, catalog).submit(training_pb2.SubmitTrainingJobRequest(spec=spec))
 
-    done = run_one(queue, fast_settings, store, job.id)
+    done = run_one(queue, redis_client, fast_settings, store, job.id)
     assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.last_error
     assert done.metrics["epochs_run"] < 400  # stopped early
     assert done.metrics["best_epoch"] <= done.metrics["epochs_run"] - 3
@@ -76,7 +79,12 @@ def test_regression_with_early_stopping_keeps_the_best_epoch(
 
 
 def test_dataset_gone_at_run_time_fails_without_retry(
-    queue: JobQueue, catalog: DatasetCatalog, store: ArtifactStore, fast_settings: Settings, digits: Dataset
+    queue: JobQueue,
+    catalog: DatasetCatalog,
+    store: ArtifactStore,
+    fast_settings: Settings,
+    redis_client: redis.Redis,
+    digits: Dataset,
 ) -> None:
     spec = ts.TrainingSpec(dataset_name="digits", model_name="orphan")
     job = TrainingSubmitter(queue, catalog).submit(
@@ -84,7 +92,7 @@ def test_dataset_gone_at_run_time_fails_without_retry(
     )
     catalog.delete("digits", digits.meta.version)
 
-    done = run_one(queue, fast_settings, store, job.id)
+    done = run_one(queue, redis_client, fast_settings, store, job.id)
     assert done.state == jobs_pb2.JOB_STATE_FAILED
     assert done.attempts == 1
     assert "digits" in done.last_error
