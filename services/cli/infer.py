@@ -10,14 +10,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
 
 from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from common.errors import InvalidArgument
 from common.settings import Settings
 from services.cli.client import add_output, add_target, call_metadata, open_channel, print_json, print_table
-from services.inference.codec import DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,20 +97,27 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _datatypes() -> dict[str, np.dtype]:
+    # Imported here: the codec pulls in torch, which every other command can do without.
+    from services.inference.codec import DTYPES
+
+    return {name: np.dtype(d.numpy) for name, d in DTYPES.items()}
+
+
 def _encode(array: np.ndarray, datatype: str) -> bytes:
-    dtype = DTYPES.get(datatype)
+    if datatype == "BF16":
+        # bfloat16 is the top half of a float32 (round to nearest even).
+        bits = np.ascontiguousarray(array, np.float32).view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return rounded.astype("<u2").tobytes()
+    dtype = _datatypes().get(datatype)
     if dtype is None:
         raise InvalidArgument(f"model input has datatype {datatype}, which infer cannot send")
-    if datatype == "BF16":
-        return (
-            torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
-        )
-    return array.astype(dtype.numpy).tobytes()
+    return array.astype(dtype).tobytes()
 
 
 def _decode(raw: bytes, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
-    dtype = DTYPES[datatype]
-    array = np.frombuffer(raw, dtype=dtype.numpy).reshape(shape)
     if datatype == "BF16":
-        return torch.from_numpy(array.copy()).view(torch.bfloat16).float().numpy()
-    return array
+        halves = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
+        return halves.view(np.float32).reshape(shape)
+    return np.frombuffer(raw, dtype=_datatypes()[datatype]).reshape(shape)
