@@ -10,6 +10,8 @@ Data model (under ``<p>`` = the Redis prefix; see docs/internals.md):
   so listing and "latest" skip deleted versions.
 - ``<p>:model:<name>:alias_history:<alias>`` list, newest first, of the versions
   an alias pointed at before each move (for rollback).
+- ``<p>:model:<name>:jobs`` hash: job id -> the version that job registered
+  (a job registers at most one version, however often it is retried).
 - ``<p>:models`` sorted set of names (all scores 0, ordered by name).
 - ``<p>:events:models`` pub/sub channel, one JSON event per change, published in
   the same MULTI as the change so no change goes unannounced.
@@ -79,6 +81,9 @@ class ModelRegistry:
     def _versions_key(self, name: str) -> str:
         return self._keys("model", name, "versions")
 
+    def _jobs_key(self, name: str) -> str:
+        return self._keys("model", name, "jobs")
+
     def _history_key(self, name: str, alias: str) -> str:
         return self._keys("model", name, "alias_history", alias)
 
@@ -91,23 +96,45 @@ class ModelRegistry:
             raise InvalidArgument(f"format of model {name!r} is required")
         if not _DIGEST.match(version.artifact_digest):
             raise InvalidArgument(f"artifact_digest {version.artifact_digest!r} is not a sha256 hex digest")
-        # The counter is bumped outside the transaction; readers use the versions set,
-        # so a reserved number becomes visible only together with its bytes.
-        number = int(self._r.hincrby(self._model_key(name), "latest", 1))
+        job_id = version.lineage.job_id
+        registered: list[str] = []
+
+        def change(pipe: Any) -> None:
+            # A job registers at most one version: an attempt rerun after its worker was lost
+            # between registering and recording success (or a hung worker that wakes up after
+            # the rerun) gets the version already there. WATCH on the job index makes the
+            # check and the write one step; commands before multi() run at once.
+            if job_id:
+                existing = pipe.hget(self._jobs_key(name), job_id)
+                if existing is not None and pipe.exists(self._version_key(name, _text(existing))):
+                    registered.append(_text(existing))
+                    return
+            # Readers use the versions set, so a reserved number becomes visible only together
+            # with its bytes (a number reserved by an aborted try stays unused).
+            number = int(pipe.hincrby(self._model_key(name), "latest", 1))
+            stored.version = str(number)
+            stored.created_at.GetCurrentTime()
+            now = stored.created_at.ToJsonString()
+            pipe.multi()
+            pipe.set(self._version_key(name, stored.version), stored.SerializeToString())
+            pipe.zadd(self._versions_key(name), {stored.version: number})
+            pipe.zadd(self._keys("models"), {name: 0})
+            pipe.hsetnx(self._model_key(name), "created_at", now)
+            pipe.hset(self._model_key(name), "updated_at", now)
+            if job_id:
+                pipe.hset(self._jobs_key(name), job_id, stored.version)
+            self._publish(pipe, "version_registered", name, stored.version)
+
         stored = registry_pb2.ModelVersion()
         stored.CopyFrom(version)
-        stored.version = str(number)
-        stored.created_at.GetCurrentTime()
         del stored.aliases[:]  # derived from the model hash on every read
-        now = stored.created_at.ToJsonString()
-        pipe = self._r.pipeline(transaction=True)
-        pipe.set(self._version_key(name, stored.version), stored.SerializeToString())
-        pipe.zadd(self._versions_key(name), {stored.version: number})
-        pipe.zadd(self._keys("models"), {name: 0})
-        pipe.hsetnx(self._model_key(name), "created_at", now)
-        pipe.hset(self._model_key(name), "updated_at", now)
-        self._publish(pipe, "version_registered", name, stored.version)
-        pipe.execute()
+        self._r.transaction(change, self._jobs_key(name))
+        if registered:
+            log.info(
+                "job already registered a version of this model",
+                extra={"model": name, "version": registered[0], "job_id": job_id},
+            )
+            return self.get_version(name, registered[0])
         log.info("model version registered", extra={"model": name, "version": stored.version})
         return stored
 

@@ -15,7 +15,7 @@ from common.api.modelfleet.jobs.v1 import jobs_pb2
 from common.jobs import JobQueue
 from common.registry import ModelRegistry
 from common.settings import Settings
-from tests.faults.conftest import TERMINAL, Fleet, kill_group, make_dataset, submit_tiny
+from tests.faults.conftest import TERMINAL, Fleet, kill_group, make_dataset, submit_tiny, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -23,6 +23,8 @@ JOBS = 20
 WORKERS = 2
 MAX_KILLS = 6
 WAIT_S = 180.0
+# Jobs tried until one SIGKILL lands between registration and the recorded success.
+WINDOW_TRIES = 3
 
 
 def held_by(jobs: list[jobs_pb2.Job], proc: subprocess.Popen[bytes]) -> list[str]:
@@ -85,3 +87,45 @@ def test_sigkilled_workers_lose_no_job_and_finish_none_twice(
     assert kills > 0 and extra_attempts >= 1
     assert extra_attempts <= jobs_hit
     assert all("was lost during attempt" in j.last_error for j in jobs if j.attempts > 1)
+
+
+def test_worker_killed_between_registering_and_recording_success_registers_once(
+    fleet: Fleet, fault_settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The narrowest window: SIGKILL the worker the moment its model version is announced,
+    before it records the job's success; the rerun must not register a second version."""
+    make_dataset(redis_client, fault_settings)
+    queue = JobQueue(redis_client, fault_settings)
+    registry = ModelRegistry(redis_client, fault_settings.redis_prefix)
+    events = redis_client.pubsub()
+    events.subscribe(registry.channel)
+    landed = tries = 0
+    try:
+        while tries < WINDOW_TRIES and not landed:
+            tries += 1
+            worker = fleet.worker()
+            job_id = submit_tiny(redis_client, fault_settings, f"window-{tries}").id
+            wait_until(lambda: announced(events), WAIT_S, "the model version to be registered")
+            kill_group(worker, signal.SIGKILL)
+            worker.wait(timeout=30)
+            landed = int(queue.get(job_id).state == jobs_pb2.JOB_STATE_RUNNING)
+            fleet.worker()
+            wait_until(lambda: queue.get(job_id).state in TERMINAL, WAIT_S, "the rerun")  # noqa: B023
+            job = queue.get(job_id)
+            versions, _ = registry.list_versions(job.training.model_name)
+            print(
+                f"\n[kill after register] try {tries}: kill landed before success={bool(landed)} "
+                f"attempts={job.attempts} versions={[v.version for v in versions]}"
+            )
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.last_error
+            assert [v.lineage.job_id for v in versions] == [job_id]
+            assert job.result.model_version == versions[0].version
+            for proc in fleet.procs:
+                kill_group(proc, signal.SIGKILL)
+    finally:
+        events.close()
+
+
+def announced(events: redis.client.PubSub) -> bool:
+    message = events.get_message(timeout=0.05)
+    return bool(message and message["type"] == "message" and b"version_registered" in message["data"])
