@@ -98,9 +98,9 @@ def kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 @pytest.fixture
 def fault_settings(settings: Settings) -> Settings:
-    """A dead or hung worker's job is reclaimed after 3 s; enough attempts for repeated kills."""
+    """A dead or hung worker's job is reclaimed after 2 s; enough attempts for repeated kills."""
     return settings.replace(
-        job_visibility_timeout_s=3.0, job_heartbeat_s=0.3, job_retry_backoff_s=0.05, job_max_attempts=10
+        job_visibility_timeout_s=2.0, job_heartbeat_s=0.3, job_retry_backoff_s=0.05, job_max_attempts=10
     )
 
 

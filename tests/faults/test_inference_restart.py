@@ -46,6 +46,7 @@ class Tally:
     failed: int = 0
     retried: int = 0
     wrong: int = 0
+    served: list[int] = field(default_factory=lambda: [0, 0])  # answers per replica
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -62,10 +63,9 @@ class FailoverClient:
         start = next(self._next)
         last: grpc.RpcError | None = None
         for attempt in range(MAX_TRIES):
-            stub = self.stubs[(start + attempt) % len(self.stubs)]
+            target = (start + attempt) % len(self.stubs)
             try:
-                response: pb.ModelInferResponse = stub.ModelInfer(request, timeout=10)
-                return response
+                response: pb.ModelInferResponse = self.stubs[target].ModelInfer(request, timeout=10)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -74,6 +74,10 @@ class FailoverClient:
                     tally.retried += 1
                 if attempt % len(self.stubs) == len(self.stubs) - 1:
                     threading.Event().wait(RETRY_PAUSE_S)  # every replica refused: back off
+                continue
+            with tally.lock:
+                tally.served[target] += 1
+            return response
         assert last is not None
         raise last
 
@@ -165,7 +169,7 @@ def test_rolling_restart_of_two_replicas_under_load_fails_no_request(
     print(
         f"\n[inference rolling restart] replicas=2 load threads={LOAD_THREADS} requests sent={tally.sent} "
         f"failed={tally.failed} wrong answers={tally.wrong} moved to the other replica={tally.retried} "
-        f"replica exit codes={exits}"
+        f"answered per replica={tally.served} replica exit codes={exits}"
     )
     assert tally.failed == 0, tally.errors[:5]
     assert tally.wrong == 0

@@ -20,7 +20,7 @@ from tests.jobs.test_faults import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-JOBS = 4
+JOBS = 3
 WAIT_S = 120.0
 
 
