@@ -1,6 +1,11 @@
 """Rolling restart of two real inference replicas (SIGTERM one, restart it, then
 the other) under a steady load from one client that round-robins over both and
-moves a call to the other replica on UNAVAILABLE: zero failed requests."""
+moves a call to the other replica on UNAVAILABLE: zero failed requests.
+
+The client also moves calls answered CANCELLED (it never cancels its own): gRPC
+core ends calls that reached a shutting-down server before a handler took them
+with CANCELLED instead of UNAVAILABLE (grpc/grpc#41785; once in about 100,000
+calls of our runs), although the server never started them."""
 
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ WAIT_S = 60.0
 # A call is tried on at most this many replicas (alternating) before it counts as failed.
 MAX_TRIES = 40
 RETRY_PAUSE_S = 0.05
+# What a replica going away answers; inference is idempotent, so both are safe to retry.
+MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 # Reconnect quickly to a replica that comes back (gRPC's default backoff grows to minutes).
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -45,6 +52,7 @@ class Tally:
     sent: int = 0
     failed: int = 0
     retried: int = 0
+    cancelled_by_shutdown: int = 0
     wrong: int = 0
     served: list[int] = field(default_factory=lambda: [0, 0])  # answers per replica
     errors: list[str] = field(default_factory=list)
@@ -52,7 +60,7 @@ class Tally:
 
 
 class FailoverClient:
-    """Round-robin over replicas; an UNAVAILABLE answer moves the call to the next one."""
+    """Round-robin over replicas; an answer in MOVE_ON moves the call to the next one."""
 
     def __init__(self, targets: list[str]) -> None:
         self.channels = [grpc.insecure_channel(t, options=CHANNEL_OPTIONS) for t in targets]
@@ -67,11 +75,12 @@ class FailoverClient:
             try:
                 response: pb.ModelInferResponse = self.stubs[target].ModelInfer(request, timeout=10)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in MOVE_ON:
                     raise
                 last = exc
                 with tally.lock:
                     tally.retried += 1
+                    tally.cancelled_by_shutdown += exc.code() == grpc.StatusCode.CANCELLED
                 if attempt % len(self.stubs) == len(self.stubs) - 1:
                     threading.Event().wait(RETRY_PAUSE_S)  # every replica refused: back off
                 continue
@@ -169,6 +178,7 @@ def test_rolling_restart_of_two_replicas_under_load_fails_no_request(
     print(
         f"\n[inference rolling restart] replicas=2 load threads={LOAD_THREADS} requests sent={tally.sent} "
         f"failed={tally.failed} wrong answers={tally.wrong} moved to the other replica={tally.retried} "
+        f"(of which CANCELLED by a shutting-down server={tally.cancelled_by_shutdown}) "
         f"answered per replica={tally.served} replica exit codes={exits}"
     )
     assert tally.failed == 0, tally.errors[:5]
