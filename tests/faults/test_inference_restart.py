@@ -4,8 +4,8 @@ moves a call to the other replica on UNAVAILABLE: zero failed requests.
 
 The client also moves calls answered CANCELLED (it never cancels its own): gRPC
 core ends calls that reached a shutting-down server before a handler took them
-with CANCELLED instead of UNAVAILABLE (grpc/grpc#41785; once in about 100,000
-calls of our runs), although the server never started them."""
+with CANCELLED instead of UNAVAILABLE (grpc/grpc#41785; one call in 2 of our
+first 8 runs), although the server never started them."""
 
 from __future__ import annotations
 
