@@ -16,7 +16,12 @@ method_var: ContextVar[str] = ContextVar("method", default="")
 job_id_var: ContextVar[str] = ContextVar("job_id", default="")
 model_var: ContextVar[str] = ContextVar("model", default="")
 
-_CONTEXT = (("request_id", request_id_var), ("method", method_var), ("job_id", job_id_var), ("model", model_var))
+_CONTEXT = (
+    ("request_id", request_id_var),
+    ("method", method_var),
+    ("job_id", job_id_var),
+    ("model", model_var),
+)
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -24,7 +29,8 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),

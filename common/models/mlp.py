@@ -3,6 +3,8 @@ preceded by the input normalization of the dataset it was trained on."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -45,7 +47,7 @@ class MLP(nn.Module):
         self.norm: nn.Module = Normalize(arch.input_size) if normalized else nn.Identity()
         widths = [arch.input_size, *arch.hidden_sizes, arch.output_size]
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(widths) - 2:
                 layers.append(_ACTIVATIONS[arch.activation]())
