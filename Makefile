@@ -19,7 +19,7 @@ lint:
 	$(PY) -m ruff format --check .
 
 typecheck:
-	$(PY) -m mypy common services
+	$(PY) -m mypy common services tests benchmarks
 
 test:
 	$(PY) -m pytest -q
