@@ -3,9 +3,10 @@ request logging, and the mapping of domain errors to gRPC status codes."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,23 +30,49 @@ LATENCY = Histogram(
 )
 
 
+# Request ids for callers that send no x-request-id: unique per process, cheap on the hot path.
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+class _MethodMetrics:
+    """The labelled metric children of one method, looked up once."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.latency = LATENCY.labels(method)
+        self._counts: dict[grpc.StatusCode, Any] = {}
+
+    def count(self, code: grpc.StatusCode) -> None:
+        child = self._counts.get(code)
+        if child is None:
+            child = self._counts[code] = REQUESTS.labels(self.method, code.name)
+        child.inc()
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
+        # Wrapped handlers per method: grpc asks on every call, the answer never changes.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method: str = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None:
             return None
-        method: str = details.method
         public = self._auth.is_public(method)
         if public and not self._auth.enabled:
             return handler
-        return _wrap(handler, method, self._auth, public)
+        wrapped = self._wrapped[method] = _wrap(handler, method, self._auth, public)
+        return wrapped
 
 
 def _begin(method: str, auth: Authenticator, public: bool, context: grpc.aio.ServicerContext) -> float:
@@ -54,7 +81,7 @@ def _begin(method: str, auth: Authenticator, public: bool, context: grpc.aio.Ser
     for key, value in metadata or ():
         if key == "x-request-id":
             request_id = value if isinstance(value, str) else value.decode()
-    request_id_var.set(request_id or uuid.uuid4().hex[:16])
+    request_id_var.set(request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):x}")
     method_var.set(method)
     if public:
         principal_var.set(ANONYMOUS if not auth.enabled else None)
@@ -65,7 +92,8 @@ def _begin(method: str, auth: Authenticator, public: bool, context: grpc.aio.Ser
     return time.perf_counter()
 
 
-async def _fail(exc: BaseException, method: str, context: grpc.aio.ServicerContext) -> None:
+async def _fail(exc: BaseException, metrics: _MethodMetrics, context: grpc.aio.ServicerContext) -> None:
+    method = metrics.method
     code = status_for(exc)
     if isinstance(exc, ModelfleetError):
         message = exc.message
@@ -76,14 +104,13 @@ async def _fail(exc: BaseException, method: str, context: grpc.aio.ServicerConte
     else:
         message = "internal error; see server logs"
         log.exception("unhandled error in %s", method)
-    REQUESTS.labels(method, code.name).inc()
+    metrics.count(code)
     await context.abort(code, message)
 
 
-def _done(method: str, start: float, context: grpc.aio.ServicerContext) -> None:
-    code = context.code() if hasattr(context, "code") else None
-    REQUESTS.labels(method, (code or grpc.StatusCode.OK).name).inc()
-    LATENCY.labels(method).observe(time.perf_counter() - start)
+def _done(metrics: _MethodMetrics, start: float, context: grpc.aio.ServicerContext) -> None:
+    metrics.count(context.code() or grpc.StatusCode.OK)
+    metrics.latency.observe(time.perf_counter() - start)
 
 
 class _Undecodable:
@@ -127,6 +154,7 @@ def _wrap(
         "response_serializer": handler.response_serializer,
     }
     streaming_in = handler.request_streaming
+    metrics = _MethodMetrics(method)
 
     def checked(request: Any) -> Any:
         return _decoded_stream(request) if streaming_in else _decoded(request)
@@ -141,8 +169,8 @@ def _wrap(
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _fail(exc, method, context)
-            _done(method, start, context)
+                await _fail(exc, metrics, context)
+            _done(metrics, start, context)
             return response
 
         if handler.request_streaming:
@@ -159,8 +187,8 @@ def _wrap(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _fail(exc, method, context)
-        _done(method, start, context)
+            await _fail(exc, metrics, context)
+        _done(metrics, start, context)
 
     if handler.request_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
