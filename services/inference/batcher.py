@@ -7,6 +7,13 @@ the outputs back per request and resolves all of the batch's futures with a
 single ``call_soon_threadsafe``. With ``max_queue_delay_us == 0`` an idle model
 dispatches at once; while a batch runs, arrivals pile up and form the next one.
 Expired (``timeout``/deadline) and cancelled requests are dropped before they run.
+
+Under closed-loop load (clients that send again as soon as they are answered)
+that alone splits the clients into cohorts that take turns: a batch of 16
+runs while the other 16 wait, forever. So when a batch finishes with work
+already queued (the model is busy, not idle), the next batch waits a moment,
+at most half a forward pass, for the callers it just answered to come back,
+and the cohorts merge into full batches. An idle model never waits.
 """
 
 from __future__ import annotations
@@ -77,6 +84,10 @@ class Batcher:
         self._queued_rows = 0
         self._seq = itertools.count()
         self._closed = False
+        # Rows of the batch that just ran while more work was queued (0 when the
+        # model went idle), and that batch's forward time: see the module docstring.
+        self._returning_rows = 0
+        self._merge_wait_ns = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}-{version}", daemon=True)
 
     # --- event-loop side
@@ -138,14 +149,25 @@ class Batcher:
                     self._drop(dropped)
                 if batch:
                     self._execute(batch)
+                    with self._cond:
+                        self._returning_rows = sum(w.rows for w in batch) if self._heap else 0
 
     def _next_batch(self) -> tuple[list[Work], list[Work]] | None:
         with self._cond:
             while not self._heap:
                 if self._closed:
                     return None
+                self._returning_rows = 0
                 self._cond.wait()
-            if self._delay_ns and not self._closed:
+            if self._returning_rows and not self._closed:
+                target = min(self.max_batch_size, self._queued_rows + self._returning_rows)
+                until = time.perf_counter_ns() + self._merge_wait_ns
+                while self._queued_rows < target and not self._closed:
+                    left = until - time.perf_counter_ns()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left / 1e9)
+            elif self._delay_ns and not self._closed:
                 # Let an idle model's batch fill for up to the delay after its oldest request.
                 until = min(item[2].enqueued_ns for item in self._heap) + self._delay_ns
                 while self._queued_rows < self.max_batch_size and not self._closed:
@@ -199,6 +221,7 @@ class Batcher:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             inferred = time.perf_counter_ns()
+            self._merge_wait_ns = (inferred - ready) // 2
             arrays = [
                 output_array(n, t) for n, t in zip(sig.outputs, outputs_of(result, sig.outputs), strict=True)
             ]
