@@ -56,11 +56,12 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 class ServiceHost:
-    def __init__(self, settings: Settings, name: str, port: int, metrics_port: int | None = None) -> None:
+    def __init__(self, settings: Settings, name: str, port: int) -> None:
         self.settings = settings
         self.name = name
         self.port = port
-        self.metrics_port = metrics_port
+        # Every service exposes Prometheus metrics on the process's metrics port (0 = off).
+        self.metrics_port = settings.metrics_port
         self._service_names: list[str] = []
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
@@ -169,6 +170,13 @@ class ServiceHost:
             except Exception:
                 log.exception("shutdown hook failed")
         log.info("%s stopped", self.name)
+
+    async def serve(self) -> None:
+        """Start, report SERVING and run until SIGTERM/SIGINT, then drain:
+        the whole life of a service process."""
+        await self.start()
+        await self.set_serving(True)
+        await self.run_until_signal()
 
     async def run_until_signal(self) -> None:
         """Serve until SIGTERM or SIGINT, then drain and stop."""

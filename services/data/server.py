@@ -24,7 +24,7 @@ async def build(settings: Settings) -> ServiceHost:
         DatasetCatalog(client, settings.redis_prefix),
         settings.max_upload_bytes,
     )
-    host = ServiceHost(settings, "data", settings.data_port, settings.metrics_port or None)
+    host = ServiceHost(settings, "data", settings.data_port)
     host.add(
         data_pb2_grpc.add_DataServiceServicer_to_server,
         DataServicer(service, settings.max_message_bytes),
@@ -39,7 +39,4 @@ async def build(settings: Settings) -> ServiceHost:
 
 
 async def serve(settings: Settings) -> None:
-    host = await build(settings)
-    await host.start()
-    await host.set_serving(True)
-    await host.run_until_signal()
+    await (await build(settings)).serve()

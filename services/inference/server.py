@@ -34,7 +34,7 @@ async def build(settings: Settings, poll_s: float = 3.0) -> ServiceHost:
     registry = ModelRegistry(client, settings.redis_prefix)
     store = ArtifactStore(settings.artifact_root)
     repository = ModelRepository(settings, registry, store, resolve_device(settings.device), poll_s=poll_s)
-    host = ServiceHost(settings, "inference", settings.inference_port, metrics_port=settings.metrics_port)
+    host = ServiceHost(settings, "inference", settings.inference_port)
     engine = InferenceEngine(repository, reject_nan=settings.nan_policy == "reject")
     host.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(engine), INFERENCE_SERVICE)
     host.add(
@@ -53,7 +53,4 @@ async def build(settings: Settings, poll_s: float = 3.0) -> ServiceHost:
 
 
 async def serve(settings: Settings) -> None:
-    host = await build(settings)
-    await host.start()
-    await host.set_serving(True)
-    await host.run_until_signal()
+    await (await build(settings)).serve()

@@ -12,10 +12,28 @@ import redis.asyncio as aioredis
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from common.auth import check_job_owner
+from common.grpcserver import ServiceHost
 from common.jobs import JobQueue, watch_job
+from common.redis import connect_async
 from common.settings import Settings
 
 SERVICE_NAME = "modelfleet.jobs.v1.JobService"
+
+
+def add_job_service(host: ServiceHost, queue: JobQueue) -> None:
+    """Host JobService on a service's server (training and compression both do),
+    with the asyncio Redis client WatchJob follows streams with, closed at shutdown."""
+    async_client = connect_async(host.settings.redis_url)
+    host.add(
+        jobs_pb2_grpc.add_JobServiceServicer_to_server,
+        JobServicer(queue, async_client, host.settings),
+        SERVICE_NAME,
+    )
+
+    async def close() -> None:
+        await async_client.aclose()
+
+    host.on_shutdown(close)
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
