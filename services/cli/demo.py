@@ -154,13 +154,12 @@ class Demo:
         )
         # Replicas serve exactly the versions routing needs, so both are
         # addressable by version only while one is production and one canary.
-        for version in (trained, compressed):
-            self.wait_until_served(version, explicit=True)
+        self.wait_until_loaded({trained, compressed})
 
         print("\n[6/6] inference through the Open Inference Protocol")
         measured = {version: self.measure(version, x_test, y_test) for version in (trained, compressed)}
         served = self.end_canary(compressed)
-        self.wait_until_served(served, explicit=False)
+        self.wait_until_served(served)
         rows = []
         for version, (accuracy, p50) in measured.items():
             meta = self.registry.GetModelVersion(
@@ -244,21 +243,43 @@ class Demo:
         print(f"  canary ended; production -> v{production}")
         return production
 
-    def wait_until_served(self, version: str, explicit: bool, timeout_s: float = 60.0) -> None:
-        """Replicas follow the registry through Redis; wait until they answer
-        for ``version`` (asked for by number, or as the default route)."""
+    def wait_until_served(self, version: str, timeout_s: float = 60.0) -> None:
+        """Replicas follow the registry through Redis; wait until the default
+        route answers with ``version``."""
         deadline = time.monotonic() + timeout_s
         probe = np.zeros((1, 64), np.float32)
         while time.monotonic() < deadline:
             try:
-                if self.infer(version if explicit else "", probe).model_version == version:
-                    print(f"  inference serves {MODEL} v{version}" + ("" if explicit else " as production"))
+                if self.infer("", probe).model_version == version:
+                    print(f"  inference serves {MODEL} v{version} as production")
                     return
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                     raise
             time.sleep(0.25)
         raise FailedPrecondition(f"inference did not serve v{version} within {timeout_s:.0f} s")
+
+    def wait_until_loaded(self, versions: set[str], timeout_s: float = 60.0) -> None:
+        """Wait until the replica serves exactly ``versions``. ModelMetadata lists
+        them in one snapshot; probing each version in turn could pass while the
+        replica is still stepping through older routing changes."""
+        deadline = time.monotonic() + timeout_s
+        request = oip.ModelMetadataRequest(name=MODEL)
+        while time.monotonic() < deadline:
+            try:
+                reply = self.inference.ModelMetadata(request, metadata=self.metadata, timeout=10)
+                served = set(reply.versions)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                served = set()
+            if served == versions:
+                listed = " and ".join(f"v{v}" for v in sorted(versions, key=int))
+                print(f"  inference serves {MODEL} {listed}")
+                return
+            time.sleep(0.25)
+        wanted = sorted(versions, key=int)
+        raise FailedPrecondition(f"inference did not load versions {wanted} within {timeout_s:.0f} s")
 
     def measure(self, version: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return self.accuracy(version, x, y), self.latency_p50(version, x)
