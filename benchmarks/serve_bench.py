@@ -39,6 +39,7 @@ from common.models.mlp import build_model
 from common.redis import connect
 from common.registry import ModelRegistry
 from common.settings import Settings
+from services.cli.serve import run_loop
 
 MODELS = {"tiny": (1000, (100,), 1), "medium": (1024, (4096, 4096), 10)}
 
@@ -133,19 +134,24 @@ async def drive(
     )
 
 
-def ceiling(model: torch.nn.Module, width: int, batch: int, seconds: float) -> tuple[float, float]:
-    """In-process forward passes at ``batch``: (samples/s, ms per pass)."""
+def ceiling(
+    model: torch.nn.Module, width: int, batch: int, seconds: float, tries: int = 3
+) -> tuple[float, float]:
+    """In-process forward passes at ``batch``: (samples/s, ms per pass), the best
+    of ``tries`` runs: the ceiling should not sink with a noisy neighbour."""
     x = torch.randn(batch, width)
+    best = float("inf")
     with torch.inference_mode():
         for _ in range(5):
             model(x)
-        passes = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            model(x)
-            passes += 1
-        elapsed = time.perf_counter() - start
-    return passes * batch / elapsed, elapsed / passes * 1000
+        for _ in range(tries):
+            passes = 0
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / tries:
+                model(x)
+                passes += 1
+            best = min(best, (time.perf_counter() - start) / passes)
+    return batch / best, best * 1000
 
 
 async def main() -> None:
@@ -211,4 +217,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_loop(main())  # the load generator gets the same lean event loop as the server
