@@ -247,14 +247,15 @@ def test_service_ports_and_probes_match_settings(objects: list[Obj], overlay: st
     assert pod_specs(objects)[service]["serviceAccountName"] == service
 
 
-def test_metrics_port_only_on_inference_and_scraped(objects: list[Obj]) -> None:
+def test_every_service_exposes_metrics_and_is_scraped(objects: list[Obj]) -> None:
     metrics = Settings().metrics_port
+    deployments = by_kind(objects, "Deployment")
     for service in SERVICES:
         ports = {p["name"]: p["containerPort"] for p in app_container(objects, service)["ports"]}
-        assert ports.get("metrics") == (metrics if service == "inference" else None), service
-    annotations = by_kind(objects, "Deployment")["inference"]["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(metrics)
+        assert ports.get("metrics") == metrics, service
+        annotations = deployments[service]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", service
+        assert annotations["prometheus.io/port"] == str(metrics), service
 
 
 @pytest.mark.parametrize("kind", WORKERS)
