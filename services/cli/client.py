@@ -8,15 +8,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from common.settings import Settings
+
+T = TypeVar("T")
+# Upload chunk size: well under any message limit, large enough to keep calls few.
+CHUNK_BYTES = 1024 * 1024
 
 
 def add_target(parser: argparse.ArgumentParser, default_port_field: str) -> None:
@@ -100,3 +104,22 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)))
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def all_pages(fetch: Callable[[str], tuple[Sequence[T], str]]) -> list[T]:
+    """Every item of a paged listing: ``fetch(page_token)`` returns one page's
+    items and the next token ("" on the last page)."""
+    items: list[T] = []
+    token = ""
+    while True:
+        page, token = fetch(token)
+        items.extend(page)
+        if not token:
+            return items
+
+
+def file_chunks(path: Path | str) -> Iterator[bytes]:
+    """A file's bytes in CHUNK_BYTES pieces, for client-streamed uploads."""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk

@@ -17,14 +17,15 @@ from common.settings import Settings
 from services.cli.client import (
     add_output,
     add_target,
+    all_pages,
     call_metadata,
+    file_chunks,
     open_channel,
     print_json,
     print_table,
     to_dict,
 )
 
-CHUNK_BYTES = 1024 * 1024
 SOURCES = {
     "synthetic": data_pb2.BUILTIN_SOURCE_SYNTHETIC_REGRESSION,
     "digits": data_pb2.BUILTIN_SOURCE_DIGITS,
@@ -162,16 +163,13 @@ def _show_version(args: argparse.Namespace, v: data_pb2.DatasetVersion) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
-    items: list[data_pb2.Dataset] = []
-    token = ""
-    while True:
-        reply = stub.ListDatasets(
-            data_pb2.ListDatasetsRequest(name_prefix=args.prefix, page_token=token), metadata=md
-        )
-        items.extend(reply.datasets)
-        token = reply.next_page_token
-        if not token:
-            break
+
+    def page(token: str) -> tuple[list[data_pb2.Dataset], str]:
+        request = data_pb2.ListDatasetsRequest(name_prefix=args.prefix, page_token=token)
+        reply = stub.ListDatasets(request, metadata=md)
+        return list(reply.datasets), reply.next_page_token
+
+    items = all_pages(page)
     if args.output == "json":
         print_json([to_dict(d) for d in items])
     else:
@@ -189,16 +187,14 @@ def _show(args: argparse.Namespace) -> int:
 
 def _versions(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
-    items: list[data_pb2.DatasetVersion] = []
-    token = ""
-    while True:
+
+    def page(token: str) -> tuple[list[data_pb2.DatasetVersion], str]:
         reply = stub.ListDatasetVersions(
             data_pb2.ListDatasetVersionsRequest(name=args.name, page_token=token), metadata=md
         )
-        items.extend(reply.versions)
-        token = reply.next_page_token
-        if not token:
-            break
+        return list(reply.versions), reply.next_page_token
+
+    items = all_pages(page)
     if args.output == "json":
         print_json([to_dict(v) for v in items])
     else:
@@ -235,9 +231,8 @@ def _upload_messages(
     path: Path, header: data_pb2.UploadDatasetHeader
 ) -> Iterator[data_pb2.UploadDatasetRequest]:
     yield data_pb2.UploadDatasetRequest(header=header)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            yield data_pb2.UploadDatasetRequest(chunk=chunk)
+    for chunk in file_chunks(path):
+        yield data_pb2.UploadDatasetRequest(chunk=chunk)
 
 
 def _upload(args: argparse.Namespace) -> int:

@@ -19,14 +19,15 @@ from common.settings import Settings
 from services.cli.client import (
     add_output,
     add_target,
+    all_pages,
     call_metadata,
+    file_chunks,
     open_channel,
     print_json,
     print_table,
     to_dict,
 )
 
-CHUNK_BYTES = 1024 * 1024
 FORMATS = {
     "safetensors": registry_pb2.MODEL_FORMAT_SAFETENSORS,
     "torchscript": registry_pb2.MODEL_FORMAT_TORCHSCRIPT,
@@ -146,16 +147,12 @@ def _print_models(args: argparse.Namespace, models: list[registry_pb2.Model]) ->
 
 
 def _list(args: argparse.Namespace, stub: Stub, settings: Settings) -> int:
-    models: list[registry_pb2.Model] = []
-    token = ""
-    while True:
+    def page(token: str) -> tuple[list[registry_pb2.Model], str]:
         request = registry_pb2.ListModelsRequest(name_prefix=args.prefix, page_size=200, page_token=token)
         response = stub.ListModels(request, metadata=call_metadata(settings))
-        models += response.models
-        token = response.next_page_token
-        if not token:
-            break
-    _print_models(args, models)
+        return list(response.models), response.next_page_token
+
+    _print_models(args, all_pages(page))
     return 0
 
 
@@ -171,15 +168,13 @@ def _versions(args: argparse.Namespace, stub: Stub, settings: Settings) -> int:
         version = stub.GetModelVersion(request, metadata=call_metadata(settings)).version
         print_json(to_dict(version))  # one version in full: JSON is the readable form
         return 0
-    versions: list[registry_pb2.ModelVersion] = []
-    token = ""
-    while True:
-        page = registry_pb2.ListModelVersionsRequest(name=args.name, page_size=200, page_token=token)
-        response = stub.ListModelVersions(page, metadata=call_metadata(settings))
-        versions += response.versions
-        token = response.next_page_token
-        if not token:
-            break
+
+    def page(token: str) -> tuple[list[registry_pb2.ModelVersion], str]:
+        request = registry_pb2.ListModelVersionsRequest(name=args.name, page_size=200, page_token=token)
+        response = stub.ListModelVersions(request, metadata=call_metadata(settings))
+        return list(response.versions), response.next_page_token
+
+    versions = all_pages(page)
     if args.output == "json":
         print_json([to_dict(v) for v in versions])
         return 0
@@ -206,9 +201,8 @@ def _upload(args: argparse.Namespace, stub: Stub, settings: Settings) -> int:
 
     def messages() -> Iterator[registry_pb2.UploadModelRequest]:
         yield registry_pb2.UploadModelRequest(header=header)
-        with open(args.file, "rb") as handle:
-            while chunk := handle.read(CHUNK_BYTES):
-                yield registry_pb2.UploadModelRequest(chunk=chunk)
+        for chunk in file_chunks(args.file):
+            yield registry_pb2.UploadModelRequest(chunk=chunk)
 
     version = stub.UploadModel(messages(), metadata=call_metadata(settings)).version
     if args.output == "json":
@@ -283,9 +277,8 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
+    for chunk in file_chunks(path):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
