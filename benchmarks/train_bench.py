@@ -200,7 +200,7 @@ async def main() -> None:
         )
         host = await build(settings)
         port = await host.start()
-        await host.set_serving(True)
+        await host.ready()
         env = {**os.environ, **settings.env(), "PYTHONPATH": str(ROOT)}
         worker = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", "worker", "training"], cwd=ROOT, env=env

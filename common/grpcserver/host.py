@@ -63,6 +63,7 @@ class ServiceHost:
         # Every service exposes Prometheus metrics on the process's metrics port (0 = off).
         self.metrics_port = settings.metrics_port
         self._service_names: list[str] = []
+        self._ready_hooks: list[Callable[[], Awaitable[None]]] = []
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
         options = [
@@ -91,6 +92,18 @@ class ServiceHost:
         ``service_name`` its full name (e.g. ``inference.GRPCInferenceService``)."""
         register(servicer, self.server)
         self._service_names.append(service_name)
+
+    def on_ready(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` once the port is open and before health reports SERVING
+        (e.g. load and warm models): probes then see NOT_SERVING, not a closed port."""
+        self._ready_hooks.append(hook)
+
+    async def ready(self) -> None:
+        """Run the on-ready hooks (once), then report SERVING."""
+        hooks, self._ready_hooks = self._ready_hooks, []
+        for hook in hooks:
+            await hook()
+        await self.set_serving(True)
 
     def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` after in-flight calls drained (e.g. stop batchers, close Redis)."""
@@ -172,10 +185,10 @@ class ServiceHost:
         log.info("%s stopped", self.name)
 
     async def serve(self) -> None:
-        """Start, report SERVING and run until SIGTERM/SIGINT, then drain:
-        the whole life of a service process."""
+        """Start, get ready, report SERVING and run until SIGTERM/SIGINT, then
+        drain: the whole life of a service process."""
         await self.start()
-        await self.set_serving(True)
+        await self.ready()
         await self.run_until_signal()
 
     async def run_until_signal(self) -> None:

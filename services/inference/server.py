@@ -23,7 +23,7 @@ REGISTRY_SERVICE = "modelfleet.registry.v1.ModelRegistryService"
 
 
 async def build(settings: Settings, poll_s: float = 3.0) -> ServiceHost:
-    """The server, not started, with its start-up models loaded and warm.
+    """The server, not started; its start-up models load and warm in ``host.ready()``.
 
     ``poll_s`` is how often every followed model's routing is re-read (pub/sub
     events act at once; the poll only bounds the delay after a missed one).
@@ -48,7 +48,9 @@ async def build(settings: Settings, poll_s: float = 3.0) -> ServiceHost:
         client.close()
 
     host.on_shutdown(close)
-    await repository.start()
+    # Models load and warm after the port opens: ServerLive answers and health
+    # says NOT_SERVING meanwhile, as Kubernetes' startup probe expects.
+    host.on_ready(repository.start)
     return host
 
 

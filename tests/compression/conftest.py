@@ -124,7 +124,7 @@ class Stubs:
 async def stubs(settings: Settings, redis_client: redis.Redis) -> AsyncIterator[Stubs]:
     host = await build(settings)
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield Stubs(
             compression_pb2_grpc.CompressionServiceStub(channel), jobs_pb2_grpc.JobServiceStub(channel)

@@ -126,7 +126,7 @@ async def test_compression_job_registers_a_version_the_inference_server_serves(
         original = source.model(torch.from_numpy(x)).numpy()
     host = await build_inference(settings.replace(inference_models=("clf-small",)), poll_s=0.5)
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)

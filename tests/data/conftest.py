@@ -39,7 +39,7 @@ def small_settings(settings: Settings) -> Settings:
 async def data_target(small_settings: Settings, redis_client: redis.Redis) -> AsyncIterator[str]:
     host = await server.build(small_settings)
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     try:
         yield f"127.0.0.1:{port}"
     finally:

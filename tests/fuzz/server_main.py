@@ -41,7 +41,7 @@ async def main() -> int:
     ports: dict[str, int] = {}
     for host, services in hosts:
         port = await host.start()
-        await host.set_serving(True)
+        await host.ready()
         ports.update({name: port for name in services})
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -97,7 +97,7 @@ async def running(settings: Settings, metadata_token: str = "") -> AsyncIterator
     """A started, serving inference server with an async channel to it."""
     host = await build(settings, poll_s=0.5)
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     address = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(address)
     try:

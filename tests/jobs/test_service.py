@@ -28,7 +28,7 @@ async def server(queue: JobQueue) -> AsyncIterator[str]:
     servicer = JobServicer(queue, client, queue.settings)
     host.add(jobs_pb2_grpc.add_JobServiceServicer_to_server, servicer, SERVICE_NAME)
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     yield f"127.0.0.1:{port}"
     await host.stop(0)
     await client.aclose()

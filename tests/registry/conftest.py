@@ -30,6 +30,6 @@ async def registry_port(
         "modelfleet.registry.v1.ModelRegistryService",
     )
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     yield port
     await host.stop(0)

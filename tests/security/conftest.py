@@ -66,7 +66,7 @@ async def fleet(auth_settings: Settings, redis_client: redis.Redis) -> AsyncIter
     try:
         for host, services in hosts:
             port = await host.start()
-            await host.set_serving(True)
+            await host.ready()
             targets.update({name: f"127.0.0.1:{port}" for name in services})
         yield targets
     finally:

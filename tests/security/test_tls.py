@@ -34,7 +34,7 @@ def pki(tmp_path: Path) -> PKI:
 async def _serve(settings: Settings) -> AsyncIterator[str]:
     host = await data_server.build(settings)
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     try:
         yield f"127.0.0.1:{port}"
     finally:

@@ -150,7 +150,7 @@ async def stubs(fast_settings: Settings, redis_client: redis.Redis) -> AsyncIter
     """A real training server (TrainingService + JobService) on a free port."""
     host = await build(fast_settings)
     port = await host.start()
-    await host.set_serving(True)
+    await host.ready()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield Stubs(training_pb2_grpc.TrainingServiceStub(channel), jobs_pb2_grpc.JobServiceStub(channel))
     await host.stop(0)
