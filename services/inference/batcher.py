@@ -9,11 +9,13 @@ dispatches at once; while a batch runs, arrivals pile up and form the next one.
 Expired (``timeout``/deadline) and cancelled requests are dropped before they run.
 
 Under closed-loop load (clients that send again as soon as they are answered)
-that alone splits the clients into cohorts that take turns: a batch of 16
-runs while the other 16 wait, forever. So when a batch finishes with work
-already queued (the model is busy, not idle), the next batch waits a moment,
-at most half a forward pass, for the callers it just answered to come back,
-and the cohorts merge into full batches. An idle model never waits.
+that alone splits the clients into cohorts that take turns (a batch of 16 runs
+while the other 16 wait), or runs a full batch and then wastes a forward pass
+on the first caller to come back. So after a batch the next one waits a
+moment, at most half a forward pass from the end of the last, for the rows
+expected back: the callers just answered plus what was already queued. A lone
+caller expects only itself and never waits; neither does a model idle longer
+than that.
 """
 
 from __future__ import annotations
@@ -84,9 +86,11 @@ class Batcher:
         self._queued_rows = 0
         self._seq = itertools.count()
         self._closed = False
-        # Rows of the batch that just ran while more work was queued (0 when the
-        # model went idle), and that batch's forward time: see the module docstring.
-        self._returning_rows = 0
+        # After a batch: the rows expected back soon (that batch's callers plus
+        # what was already queued) and until when to wait for them: see the
+        # module docstring. The wait is half of the last forward pass.
+        self._expected_rows = 0
+        self._expect_until_ns = 0
         self._merge_wait_ns = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}-{version}", daemon=True)
 
@@ -150,20 +154,19 @@ class Batcher:
                 if batch:
                     self._execute(batch)
                     with self._cond:
-                        self._returning_rows = sum(w.rows for w in batch) if self._heap else 0
+                        ran = sum(w.rows for w in batch)
+                        self._expected_rows = min(self.max_batch_size, ran + self._queued_rows)
+                        self._expect_until_ns = time.perf_counter_ns() + self._merge_wait_ns
 
     def _next_batch(self) -> tuple[list[Work], list[Work]] | None:
         with self._cond:
             while not self._heap:
                 if self._closed:
                     return None
-                self._returning_rows = 0
                 self._cond.wait()
-            if self._returning_rows and not self._closed:
-                target = min(self.max_batch_size, self._queued_rows + self._returning_rows)
-                until = time.perf_counter_ns() + self._merge_wait_ns
-                while self._queued_rows < target and not self._closed:
-                    left = until - time.perf_counter_ns()
+            if self._queued_rows < self._expected_rows and time.perf_counter_ns() < self._expect_until_ns:
+                while self._queued_rows < self._expected_rows and not self._closed:
+                    left = self._expect_until_ns - time.perf_counter_ns()
                     if left <= 0:
                         break
                     self._cond.wait(left / 1e9)
