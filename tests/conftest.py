@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -24,13 +25,13 @@ def _purge(client: redis.Redis, prefix: str) -> None:
         client.delete(*keys)
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def loopback_settings(prefix: str, artifact_root: Path, **overrides: Any) -> Settings:
+    """Settings for servers on free loopback ports, under a fresh Redis key prefix."""
     return Settings.from_env(
         {},
         redis_url=REDIS_URL,
-        redis_prefix=f"mft{uuid.uuid4().hex[:10]}",
-        artifact_root=tmp_path / "artifacts",
+        redis_prefix=f"{prefix}{uuid.uuid4().hex[:10]}",
+        artifact_root=artifact_root,
         host="127.0.0.1",
         inference_port=0,
         data_port=0,
@@ -40,7 +41,13 @@ def settings(tmp_path: Path) -> Settings:
         log_format="text",
         device="cpu",
         shutdown_grace_s=2.0,
+        **overrides,
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return loopback_settings("mft", tmp_path / "artifacts")
 
 
 @pytest.fixture

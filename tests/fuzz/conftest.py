@@ -20,7 +20,7 @@ from common.jobs import JobQueue
 from common.redis import connect
 from common.registry import ModelRegistry
 from common.settings import Settings
-from tests.conftest import REDIS_URL, _purge
+from tests.conftest import _purge, loopback_settings
 from tests.fuzz.harness import (
     CODES,
     RSS_BOUND_MIB,
@@ -57,32 +57,13 @@ def profile(max_examples: int) -> hypothesis_settings:
 
 @pytest.fixture(scope="session")
 def fuzz_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings.from_env(
-        {},
-        redis_url=REDIS_URL,
-        redis_prefix=f"mfz{uuid.uuid4().hex[:10]}",
-        artifact_root=tmp_path_factory.mktemp("fuzz") / "artifacts",
-        host="127.0.0.1",
-        inference_port=0,
-        data_port=0,
-        training_port=0,
-        compression_port=0,
-        metrics_port=0,
-        log_format="text",
-        device="cpu",
-        shutdown_grace_s=2.0,
-        # Small limits so hostile sizes hit them instead of building big datasets.
+    # Small limits so hostile sizes hit them instead of building big datasets.
+    return loopback_settings(
+        "mfz",
+        tmp_path_factory.mktemp("fuzz") / "artifacts",
         max_upload_bytes=1024 * 1024,
         max_message_bytes=8 * 1024 * 1024,
     )
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    names = (
-        "redis_url redis_prefix artifact_root host inference_port data_port training_port "
-        "compression_port metrics_port log_format device shutdown_grace_s max_upload_bytes max_message_bytes"
-    )
-    return {f"MODELFLEET_{n.upper()}": str(getattr(settings, n)) for n in names.split()}
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +77,7 @@ def fleet(fuzz_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     register_mlp(registry, store, FUZZ_MODEL, seed=1)
     job = JobQueue(client, fuzz_settings).submit(training_job())
     log_path = tmp_path_factory.mktemp("fuzzlog") / "server.log"
-    fleet = start_fleet(_env(fuzz_settings), log_path, keep_model)
+    fleet = start_fleet(fuzz_settings.env(), log_path, keep_model)
     try:
         data = fleet.channel("modelfleet.data.v1.DataService")
         data.unary_unary("/modelfleet.data.v1.DataService/CreateDatasetFromSource")(
