@@ -92,6 +92,10 @@ class Batcher:
         self._expected_rows = 0
         self._expect_until_ns = 0
         self._merge_wait_ns = 0
+        # Queued rows at which submit() wakes the model thread: 1 while it idles,
+        # more while it waits for a batch to fill, so the arrivals in between do
+        # not each cost it a wake-up and the event loop a GIL hand-off.
+        self._wake_rows = 1
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}-{version}", daemon=True)
 
     # --- event-loop side
@@ -112,7 +116,8 @@ class Batcher:
                 )
             heapq.heappush(self._heap, (-priority, next(self._seq), work))
             self._queued_rows += rows
-            self._cond.notify()
+            if self._queued_rows >= self._wake_rows:
+                self._cond.notify()
         return future
 
     def start(self) -> None:
@@ -165,19 +170,11 @@ class Batcher:
                     return None
                 self._cond.wait()
             if self._queued_rows < self._expected_rows and time.perf_counter_ns() < self._expect_until_ns:
-                while self._queued_rows < self._expected_rows and not self._closed:
-                    left = self._expect_until_ns - time.perf_counter_ns()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left / 1e9)
+                self._fill(self._expected_rows, self._expect_until_ns)
             elif self._delay_ns and not self._closed:
                 # Let an idle model's batch fill for up to the delay after its oldest request.
-                until = min(item[2].enqueued_ns for item in self._heap) + self._delay_ns
-                while self._queued_rows < self.max_batch_size and not self._closed:
-                    left = until - time.perf_counter_ns()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left / 1e9)
+                oldest = min(item[2].enqueued_ns for item in self._heap)
+                self._fill(self.max_batch_size, oldest + self._delay_ns)
             batch: list[Work] = []
             dropped: list[Work] = []
             rows = 0
@@ -196,6 +193,18 @@ class Batcher:
                 if not self.signature.batchable:
                     break
             return batch, dropped
+
+    def _fill(self, rows: int, until_ns: int) -> None:
+        """Wait (holding the condition) until ``rows`` are queued, ``until_ns`` or close."""
+        self._wake_rows = rows
+        try:
+            while self._queued_rows < rows and not self._closed:
+                left = until_ns - time.perf_counter_ns()
+                if left <= 0:
+                    break
+                self._cond.wait(left / 1e9)
+        finally:
+            self._wake_rows = 1
 
     def _drop(self, dropped: list[Work]) -> None:
         now = time.perf_counter_ns()
