@@ -1,7 +1,10 @@
 """Training throughput: samples/s of a training job through the service (real
 gRPC server, real `modelfleet worker training` subprocess, DDP ranks reading
 memory-mapped shards) against a plain single-process torch loop on the same
-data and model, in the same run; for world_size 1 and 2.
+data and model, in the same run; for world_size 1 and 2. For world_size 2 it
+also runs a bare two-process DDP loop (the plain loop under
+DistributedDataParallel, nothing else), which separates what the service costs
+from what gradient synchronisation costs on the machine.
 
 The dataset is the data service's synthetic regression (x in R^d, y = linear +
 noise), z-scored and split by the data service's own preprocessing. Two figures
@@ -33,6 +36,9 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 # Run as a script from anywhere: the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,30 +102,91 @@ def bench_spec(args: argparse.Namespace, world_size: int) -> ts.TrainingSpec:
     return spec
 
 
-def plain_loop(settings: Settings, spec: ts.TrainingSpec) -> list[float]:
-    """The reference: one process, the whole train split in memory as a tensor,
-    randperm batches, same model, optimizer, loss and batch size. Samples/s per epoch."""
+def train_split(settings: Settings, spec: ts.TrainingSpec) -> tuple[ts.TrainingSpec, np.ndarray, np.ndarray]:
+    """The bound spec and the train split, in memory, as the references use them."""
     client = connect(settings.redis_url)
     bound, record = resolve_spec(DatasetCatalog(client, settings.redis_prefix), spec)
     client.close()
     features, labels = load_split(ArtifactStore(settings.artifact_root), record, "train")
     assert labels is not None
-    x = torch.from_numpy(np.array(features))
-    y = torch.from_numpy(np.array(labels))
+    return bound, np.array(features), np.array(labels)
+
+
+def plain_loop(
+    bound: ts.TrainingSpec, features: np.ndarray, labels: np.ndarray, net: torch.nn.Module | None = None
+) -> list[float]:
+    """The reference: one process, its rows in memory as a tensor, randperm
+    batches, same model, optimizer, loss and batch size. Samples/s per epoch.
+    With ``net`` (a DDP-wrapped model) it is one rank of the bare DDP reference."""
+    x = torch.from_numpy(features)
+    y = torch.from_numpy(labels)
     torch.manual_seed(0)
     model = MLP(bound.architecture.mlp)
-    optimizer = torch.optim.Adam(model.parameters(), lr=bound.learning_rate)
+    net = net or model.layers
+    optimizer = torch.optim.Adam(net.parameters(), lr=bound.learning_rate)
     rates = []
     for _ in range(bound.epochs):
         started = time.perf_counter()
         order = torch.randperm(len(x))
         for i in range(0, len(x), bound.batch_size):
             idx = order[i : i + bound.batch_size]
-            loss = torch.nn.functional.mse_loss(model.layers(x[idx]).squeeze(-1), y[idx])
+            loss = torch.nn.functional.mse_loss(net(x[idx]).squeeze(-1), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         rates.append(len(x) / (time.perf_counter() - started))
+    return rates
+
+
+def _ddp_rank(
+    rank: int,
+    world_size: int,
+    rendezvous: str,
+    spec_bytes: bytes,
+    features: np.ndarray,
+    labels: np.ndarray,
+    threads: int,
+    results: Any,
+) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        per_rank = ts.TrainingSpec.FromString(spec_bytes)  # messages do not pickle across spawn
+        torch.manual_seed(0)
+        net = DistributedDataParallel(MLP(per_rank.architecture.mlp).layers)
+        per_rank.batch_size //= world_size
+        rates = plain_loop(per_rank, features[rank::world_size], labels[rank::world_size], net)
+        if rank == 0:
+            results.put([rate * world_size for rate in rates])
+    finally:
+        dist.destroy_process_group()
+
+
+def bare_ddp_loop(
+    bound: ts.TrainingSpec,
+    features: np.ndarray,
+    labels: np.ndarray,
+    world_size: int,
+    threads: int,
+    root: Path,
+) -> list[float]:
+    """The reference for ``world_size`` > 1: the plain loop in ``world_size``
+    spawned processes under DistributedDataParallel (gloo), each on its share of
+    the rows with its share of the batch, nothing else. Samples/s per epoch, all ranks."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    rendezvous = root / f"ddp-{uuid.uuid4().hex}"
+    shared = (str(rendezvous), bound.SerializeToString(), features, labels, threads, results)
+    ranks = [context.Process(target=_ddp_rank, args=(r, world_size, *shared)) for r in range(world_size)]
+    for process in ranks:
+        process.start()
+    try:
+        rates: list[float] = results.get(timeout=JOB_TIMEOUT_S)
+    finally:
+        for process in ranks:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
     return rates
 
 
@@ -212,19 +279,36 @@ async def main() -> None:
             f"device {settings.device}, {os.cpu_count()} CPUs"
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            bound, features, labels = train_split(settings, bench_spec(args, 1))
+
+            def reference(ws: int) -> float:
+                if ws == 1:
+                    return statistics.median(plain_loop(bound, features, labels))
+                rates = bare_ddp_loop(bound, features, labels, ws, settings.torch_threads, root)
+                return statistics.median(rates)
+
             for world_size in (1, 2):
-                # The reference runs right before and after each job and the faster
+                # The references run right before and after each job and the faster
                 # of the two counts, so noisy neighbours cannot flatter the ratio.
-                before = statistics.median(plain_loop(settings, bench_spec(args, 1)))
+                sizes = (1,) if world_size == 1 else (1, world_size)
+                before = [reference(ws) for ws in sizes]
                 job = await guarded(worker, run_job(channel, bench_spec(args, world_size), train_rows))
-                after = statistics.median(plain_loop(settings, bench_spec(args, 1)))
-                plain = max(before, after)
+                after = [reference(ws) for ws in sizes]
+                plain = max(before[0], after[0])
                 loop_rate = statistics.median(job.epoch_rates)
-                print(
+                line = (
                     f"world_size={world_size}: plain loop {plain:,.0f} samples/s "
-                    f"(runs: {before:,.0f}, {after:,.0f}); "
-                    f"service {loop_rate:,.0f} samples/s = {loop_rate / plain:.2f}x; "
-                    f"end-to-end {job.end_to_end:,.0f} samples/s = {job.end_to_end / plain:.2f}x "
+                    f"(runs: {before[0]:,.0f}, {after[0]:,.0f}); "
+                    f"service {loop_rate:,.0f} samples/s = {loop_rate / plain:.2f}x"
+                )
+                if world_size > 1:
+                    bare = max(before[-1], after[-1])
+                    line += (
+                        f" (bare {world_size}-process DDP loop {bare:,.0f} samples/s = {bare / plain:.2f}x; "
+                        f"service / bare DDP = {loop_rate / bare:.2f}x)"
+                    )
+                print(
+                    f"{line}; end-to-end {job.end_to_end:,.0f} samples/s = {job.end_to_end / plain:.2f}x "
                     f"(startup {job.startup_s:.1f} s, finish {job.finish_s:.1f} s)"
                 )
     finally:
