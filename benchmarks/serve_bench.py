@@ -7,6 +7,11 @@ concurrent grpc.aio callers, and prints requests/s, p50/p99 latency and the
 ratio to the in-process torch ceiling measured in the same run at the batch size
 the batcher reached (from ModelStatistics).
 
+It also reads the server's CPU time per request (Linux /proc) and, in the same
+run, drives a bare grpc.aio server whose ModelInfer answers a canned response:
+that server's CPU per request is the floor a Python gRPC front end pays, and
+under closed-loop load it bounds the ratio (see README, Performance).
+
     python benchmarks/serve_bench.py [--seconds 10] [--concurrency 1 32]
 """
 
@@ -24,6 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -53,6 +59,62 @@ class Run:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    server_cpu_ms: float  # server process CPU per request (forward passes included); nan off Linux
+
+
+CANNED = pb.ModelInferResponse(
+    model_name="medium",
+    model_version="1",
+    outputs=[pb.ModelInferResponse.InferOutputTensor(name="output", datatype="FP32", shape=[1, 10])],
+    raw_output_contents=[bytes(40)],
+)
+
+
+async def serve_canned(port: int) -> None:
+    """The floor: a bare grpc.aio server (same uvloop, no interceptor) whose
+    ModelInfer answers a fixed medium-sized response without reading the request."""
+
+    async def infer(
+        request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return CANNED
+
+    async def ready(
+        request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=True)
+
+    def unary(handler: Any, message: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            handler,
+            request_deserializer=message.FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        )
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {
+                    "ModelInfer": unary(infer, pb.ModelInferRequest),
+                    "ServerReady": unary(ready, pb.ServerReadyRequest),
+                },
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all threads); nan where /proc is absent."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -96,7 +158,12 @@ async def wait_ready(stub: pb_grpc.GRPCInferenceServiceStub, server: subprocess.
 
 
 async def drive(
-    stub: pb_grpc.GRPCInferenceServiceStub, name: str, width: int, concurrency: int, seconds: float
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    server_pid: int,
+    name: str,
+    width: int,
+    concurrency: int,
+    seconds: float,
 ) -> Run:
     x = np.random.default_rng(0).standard_normal((1, width)).astype("<f4")
     request = pb.ModelInferRequest(
@@ -106,7 +173,7 @@ async def drive(
     )
     for _ in range(20):  # warm the channel and the server's paths
         await stub.ModelInfer(request)
-    before = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))).model_stats[0]
+    before = await _counts(stub, name)
     latencies: list[float] = []
     end = time.perf_counter() + seconds
 
@@ -116,12 +183,14 @@ async def drive(
             await stub.ModelInfer(request)
             latencies.append(time.perf_counter() - start)
 
+    cpu_before = cpu_seconds(server_pid)
     began = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
-    after = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))).model_stats[0]
-    executions = after.execution_count - before.execution_count
-    rows = after.inference_count - before.inference_count
+    cpu_used = cpu_seconds(server_pid) - cpu_before
+    after = await _counts(stub, name)
+    executions = after[0] - before[0]
+    rows = after[1] - before[1]
     ms = np.array(latencies) * 1000
     return Run(
         name,
@@ -131,7 +200,16 @@ async def drive(
         float(np.percentile(ms, 50)),
         float(np.percentile(ms, 99)),
         rows / executions if executions else 0.0,
+        cpu_used * 1000 / len(latencies),
     )
+
+
+async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, name: str) -> tuple[int, int]:
+    """(executions, rows) so far; (0, 0) from a server without statistics (the canned one)."""
+    if name not in MODELS:
+        return 0, 0
+    stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))).model_stats[0]
+    return stats.execution_count, stats.inference_count
 
 
 def ceiling(
@@ -161,7 +239,11 @@ async def main() -> None:
     parser.add_argument(
         "--redis-url", default=os.environ.get("MODELFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
+    parser.add_argument("--canned-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.canned_server:
+        await serve_canned(args.canned_server)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     settings = Settings.from_env(
@@ -180,39 +262,69 @@ async def main() -> None:
     registry = ModelRegistry(client, settings.redis_prefix)
     modules = register(registry, ArtifactStore(settings.artifact_root))
     env = {**os.environ, **settings.env()}
-    server = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "inference"], env=env)
     runs: list[Run] = []
+    floors: list[Run] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            await wait_ready(stub, server)
-            for name in MODELS:
-                for concurrency in args.concurrency:
-                    runs.append(await drive(stub, name, MODELS[name][0], concurrency, args.seconds))
+        canned_port = free_port()
+        servers: list[tuple[list[str], int, tuple[str, ...]]] = [
+            (
+                [sys.executable, "-m", "services.cli.main", "serve", "inference"],
+                settings.inference_port,
+                (*MODELS,),
+            ),
+            ([sys.executable, __file__, "--canned-server", str(canned_port)], canned_port, ("canned",)),
+        ]
+        for command, port, names in servers:
+            server = subprocess.Popen(command, env=env)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                    await wait_ready(stub, server)
+                    for name in names:
+                        width = MODELS.get(name, MODELS["medium"])[0]
+                        for concurrency in args.concurrency:
+                            run = await drive(stub, server.pid, name, width, concurrency, args.seconds)
+                            (runs if name in MODELS else floors).append(run)
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*"))
         if keys:
             client.delete(*keys)
         shutil.rmtree(root, ignore_errors=True)
 
+    floor_ms = {run.concurrency: run.server_cpu_ms for run in floors}
     print(
         f"torch {torch.__version__}, torch threads {settings.torch_threads}, "
         f"max_batch_size {settings.max_batch_size}"
     )
     header = f"{'model':<7} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} "
-    print(header + f"{'ceiling/s':>10} {'ratio':>6} {'fwd ms':>7} {'p50 overhead ms':>16}")
+    print(
+        header + f"{'ceiling/s':>10} {'ratio':>6} {'fwd ms':>7} {'p50 overhead ms':>16} "
+        f"{'CPU/req ms':>11} {'w/o fwd':>8} {'bound':>6}"
+    )
     for run in runs:
         batch = max(1, round(run.mean_batch))
         ceiling_rate, forward_ms = ceiling(
             modules[run.model], MODELS[run.model][0], batch, min(args.seconds, 5.0)
         )
         rate = run.requests / run.seconds
+        # Closed loop: every caller waits on the batch in flight, so between two
+        # forward passes the server's event loop must answer and take in a whole
+        # batch, at no less than the floor's CPU per request.
+        bound = forward_ms / (forward_ms + run.mean_batch * floor_ms[run.concurrency])
         print(
             f"{run.model:<7} {run.concurrency:>4} {rate:>8.0f} {run.p50_ms:>7.2f} {run.p99_ms:>7.2f} "
             f"{run.mean_batch:>6.1f} {ceiling_rate:>10.0f} {rate / ceiling_rate:>6.2f} {forward_ms:>7.3f} "
-            f"{run.p50_ms - forward_ms:>16.3f}"
+            f"{run.p50_ms - forward_ms:>16.3f} {run.server_cpu_ms:>11.3f} "
+            f"{run.server_cpu_ms - forward_ms / run.mean_batch:>8.3f} {bound:>6.2f}"
+        )
+    for run in floors:
+        print(
+            f"gRPC floor (bare grpc.aio, canned response), c={run.concurrency}: "
+            f"{run.requests / run.seconds:,.0f} req/s, p50 {run.p50_ms:.2f} ms, "
+            f"server CPU {run.server_cpu_ms:.3f} ms/request"
         )
 
 
