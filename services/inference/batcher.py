@@ -26,6 +26,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,11 @@ from services.inference.stats import BatchTiming, VersionStats
 log = logging.getLogger(__name__)
 
 Result = list[OutputTensor] | BaseException
+Deliver = Callable[[list[tuple[asyncio.Future[list[OutputTensor]], Result]]], None]
+
+# Forward passes at most this long run on the event loop when the model is idle
+# (see the module docstring): well under what the loop spends on one request.
+INLINE_PASS_NS = 100_000
 
 
 @dataclass(eq=False, slots=True)
@@ -96,6 +102,8 @@ class Batcher:
         # more while it waits for a batch to fill, so the arrivals in between do
         # not each cost it a wake-up and the event loop a GIL hand-off.
         self._wake_rows = 1
+        self._running = False  # a forward pass is in progress (model thread or inline)
+        self._last_pass_ns = 1 << 62  # unknown until the first pass
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}-{version}", daemon=True)
 
     # --- event-loop side
@@ -114,10 +122,27 @@ class Batcher:
                     f"queue of model {self.name!r} version {self.version} "
                     f"is full ({self._max_queue} requests)"
                 )
-            heapq.heappush(self._heap, (-priority, next(self._seq), work))
-            self._queued_rows += rows
-            if self._queued_rows >= self._wake_rows:
-                self._cond.notify()
+            inline = (
+                not self._heap
+                and not self._running
+                and not self._delay_ns
+                and self._last_pass_ns <= INLINE_PASS_NS
+            )
+            if inline:
+                self._running = True
+            else:
+                heapq.heappush(self._heap, (-priority, next(self._seq), work))
+                self._queued_rows += rows
+                if self._queued_rows >= self._wake_rows:
+                    self._cond.notify()
+        if inline:
+            # Nothing else can be queued meanwhile: submit() runs on this loop.
+            try:
+                with torch.inference_mode():
+                    self._execute([work], _resolve)
+            finally:
+                with self._cond:
+                    self._running = False
         return future
 
     def start(self) -> None:
@@ -157,8 +182,9 @@ class Batcher:
                 if dropped:
                     self._drop(dropped)
                 if batch:
-                    self._execute(batch)
+                    self._execute(batch, self._deliver)
                     with self._cond:
+                        self._running = False
                         ran = sum(w.rows for w in batch)
                         self._expected_rows = min(self.max_batch_size, ran + self._queued_rows)
                         self._expect_until_ns = time.perf_counter_ns() + self._merge_wait_ns
@@ -192,6 +218,7 @@ class Batcher:
                 rows += work.rows
                 if not self.signature.batchable:
                     break
+            self._running = bool(batch)
             return batch, dropped
 
     def _fill(self, rows: int, until_ns: int) -> None:
@@ -218,7 +245,7 @@ class Batcher:
                 results.append((work.future, error))
         self._deliver(results)
 
-    def _execute(self, batch: list[Work]) -> None:
+    def _execute(self, batch: list[Work], deliver: Deliver) -> None:
         sig = self.signature
         device = self.model.device
         start = time.perf_counter_ns()
@@ -233,7 +260,8 @@ class Batcher:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             inferred = time.perf_counter_ns()
-            self._merge_wait_ns = (inferred - ready) // 2
+            self._last_pass_ns = inferred - ready
+            self._merge_wait_ns = self._last_pass_ns // 2
             arrays = [
                 output_array(n, t) for n, t in zip(sig.outputs, outputs_of(result, sig.outputs), strict=True)
             ]
@@ -263,9 +291,9 @@ class Batcher:
             now = time.perf_counter_ns()
             for work in batch:
                 self.stats.record_failure(now - work.enqueued_ns)
-            self._deliver([(w.future, exc) for w in batch])
+            deliver([(w.future, exc) for w in batch])
             return
-        self._deliver(results)
+        deliver(results)
         self.stats.record_batch(
             BatchTiming(
                 rows=rows,

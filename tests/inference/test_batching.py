@@ -76,10 +76,14 @@ async def test_queue_full_is_resource_exhausted(serve, registry: ModelRegistry, 
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def _recording_batcher(loop: asyncio.AbstractEventLoop, seen: list[float]) -> Batcher:
+def _recording_batcher(
+    loop: asyncio.AbstractEventLoop, seen: list[float], *, delay_us: int = 0, pass_s: float = 0.0
+) -> Batcher:
     class Record(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             seen.extend(x[:, 0].tolist())
+            if pass_s:
+                time.sleep(pass_s)
             return x
 
     spec = model_pb2.TensorSpec(name="input", datatype="FP32", shape=[-1, 4])
@@ -92,7 +96,7 @@ def _recording_batcher(loop: asyncio.AbstractEventLoop, seen: list[float]) -> Ba
         Signature("rec", [spec], [out]),
         VersionStats("rec", "1"),
         max_batch_size=1,
-        max_queue_delay_us=0,
+        max_queue_delay_us=delay_us,
         max_queue_size=100,
         loop=loop,
     )
@@ -124,6 +128,40 @@ async def test_priority_timeout_and_cancellation() -> None:
     await batcher.join(10)
     with pytest.raises(Exception, match="unloading"):
         submit(6.0)
+
+
+async def _answered_in_submit(batcher: Batcher, value: float, tries: int = 50) -> bool:
+    """Whether, once the model has gone idle, a request is answered before submit returns."""
+    for _ in range(tries):
+        future = batcher.submit([np.full((1, 4), value, np.float32)], 1, None, 0, 0)
+        if future.done():
+            return True
+        await asyncio.wait_for(future, timeout=30)
+        await asyncio.sleep(0.01)  # let the model thread finish its bookkeeping
+    return False
+
+
+@pytest.mark.parametrize(
+    ("delay_us", "pass_s", "inline"),
+    [(0, 0.0, True), (0, 0.002, False), (1_000, 0.0, False)],
+    ids=["fast-idle-model", "slow-model", "batching-delay"],
+)
+async def test_fast_idle_model_runs_on_the_event_loop(delay_us: int, pass_s: float, inline: bool) -> None:
+    seen: list[float] = []
+    batcher = _recording_batcher(asyncio.get_running_loop(), seen, delay_us=delay_us, pass_s=pass_s)
+    batcher.start()
+    try:
+        # The first pass goes to the model thread: its duration is not known yet.
+        first = batcher.submit([np.full((1, 4), 1.0, np.float32)], 1, None, 0, 0)
+        assert not first.done()
+        await asyncio.wait_for(first, timeout=30)
+        assert await _answered_in_submit(batcher, 2.0, tries=50 if inline else 5) is inline
+        assert seen[0] == 1.0 and seen[-1] == 2.0
+        stats = batcher.stats.proto()
+        assert stats.inference_stats.success.count == len(seen)
+    finally:
+        batcher.close()
+        await batcher.join(10)
 
 
 async def test_bounded_queue_in_process() -> None:
