@@ -311,8 +311,8 @@ async def main() -> None:
         )
         rate = run.requests / run.seconds
         # Closed loop: every caller waits on the batch in flight, so between two
-        # forward passes the server's event loop must answer and take in a whole
-        # batch, at no less than the floor's CPU per request.
+        # forward passes the server answers and takes in a whole batch at about
+        # the floor's CPU per request (an estimate: see README, Performance).
         bound = forward_ms / (forward_ms + run.mean_batch * floor_ms[run.concurrency])
         print(
             f"{run.model:<7} {run.concurrency:>4} {rate:>8.0f} {run.p50_ms:>7.2f} {run.p99_ms:>7.2f} "
