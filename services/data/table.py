@@ -22,8 +22,9 @@ class RawColumn:
     name: str
     dtype: str  # "float32", "int64" or "string"
     categories: list[str] = field(default_factory=list)  # sorted; string columns only
-    # Where a non-numeric value first appeared: (1-based line, value), for error messages.
-    first_text: tuple[int, str] | None = None
+    # Where a non-numeric value first appeared ("line 3" in a CSV, "row 3" in
+    # Parquet) and the value, for error messages.
+    first_text: tuple[str, str] | None = None
 
 
 @dataclass
@@ -104,9 +105,9 @@ def build_table(raw: RawTable, label_column: str, task: data_pb2.DatasetTask.Val
             )
         else:
             if col.dtype == "string":
-                line, text = col.first_text or (0, "")
+                where, text = col.first_text or ("?", "")
                 raise InvalidArgument(
-                    f"label column {col.name!r} is not numeric (line {line}: {text!r}); "
+                    f"label column {col.name!r} is not numeric ({where}: {text!r}); "
                     "task regression needs numbers"
                 )
             labels = values.astype(np.float32)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from common.api.modelfleet.common.v1 import model_pb2
@@ -48,6 +50,25 @@ async def test_npz_upload(stub: data_pb2_grpc.DataServiceStub, tmp_path: Path) -
     )
     v = (await stub.UploadDataset(messages(header, path.read_bytes(), 100))).dataset
     assert v.num_rows == 6 and v.task == data_pb2.DATASET_TASK_REGRESSION
+
+
+async def test_parquet_upload(stub: data_pb2_grpc.DataServiceStub, tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(
+        pa.table({"a": list(range(40)), "label": ["cat" if i % 3 else "dog" for i in range(40)]}), path
+    )
+    header = data_pb2.UploadDatasetHeader(
+        name="pq", format=data_pb2.DATA_FORMAT_PARQUET, label_column="label"
+    )
+    v = (await stub.UploadDataset(messages(header, path.read_bytes(), 333))).dataset
+    assert (v.num_rows, v.num_features, list(v.class_names)) == (40, 1, ["cat", "dog"])
+    assert "upload(parquet)" in v.operations
+    garbage = data_pb2.UploadDatasetHeader(name="bad", format=data_pb2.DATA_FORMAT_PARQUET)
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.UploadDataset(messages(garbage, CSV, 64)),
+        "not a valid Parquet file",
+    )
 
 
 async def expect(code: grpc.StatusCode, call: object, needle: str) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from common.api.modelfleet.data.v1 import data_pb2
 from common.errors import InvalidArgument
-from services.data.ingest import parse_csv, parse_npy, parse_npz
+from services.data.ingest import parse_csv, parse_npy, parse_npz, parse_parquet
 from services.data.table import MISSING_CLASS, build_table
 
 CLS = data_pb2.DATASET_TASK_CLASSIFICATION
@@ -115,3 +118,59 @@ def test_npz_x_y_and_rejections(tmp_path: Path) -> None:
     path.write_bytes(io.BytesIO(b"not a zip").getvalue())
     with pytest.raises(InvalidArgument, match=r"not a valid \.npz"):
         parse_npz(path)
+
+
+def write_parquet(tmp_path: Path, table: pa.Table) -> Path:
+    path = tmp_path / "f.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def test_parquet_numeric_boolean_string_dictionary_and_nulls(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "n": pa.array([1, 2, None, 4], pa.int32()),
+            "x": pa.array([0.5, None, 1.5, 2.5], pa.float64()),
+            "flag": pa.array([True, False, True, None]),
+            "color": pa.array(["red", "blue", None, "red"]).dictionary_encode(),
+            "label": pa.array(["yes", "no", "yes", None], pa.large_string()),
+        }
+    )
+    raw = parse_parquet(write_parquet(tmp_path, table))
+    assert [(c.name, c.dtype) for c in raw.columns] == [
+        ("n", "int64"),
+        ("x", "float32"),
+        ("flag", "int64"),
+        ("color", "string"),
+        ("label", "string"),
+    ]
+    assert raw.columns[3].categories == ["blue", "red"] and raw.columns[3].first_text == ("row 1", "red")
+    np.testing.assert_array_equal(raw.data[:, 0], [1, 2, np.nan, 4])
+    np.testing.assert_array_equal(raw.data[:, 2], [1, 0, 1, np.nan])
+    np.testing.assert_array_equal(raw.data[:, 3], [1, 0, np.nan, 1])
+    built = build_table(raw, "label", data_pb2.DATASET_TASK_UNSPECIFIED)
+    assert built.task == CLS and built.class_names == ["no", "yes"]
+    assert built.labels is not None and built.labels.tolist() == [1, 0, 1, MISSING_CLASS]
+    with pytest.raises(InvalidArgument, match=r"label column 'color' is not numeric \(row 1: 'red'\)"):
+        build_table(raw, "color", REG)
+
+
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        (pa.table({"when": pa.array([1, 2], pa.timestamp("s"))}), "column 'when' has type timestamp"),
+        (pa.table({"v": pa.array([[1], [2]])}), "column 'v' has type list"),
+        (pa.table({"a": pa.array([], pa.float32())}), "empty"),
+    ],
+    ids=["timestamp", "list", "no-rows"],
+)
+def test_parquet_rejections_name_the_column(tmp_path: Path, table: pa.Table, needle: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(needle)):
+        parse_parquet(write_parquet(tmp_path, table))
+
+
+def test_not_parquet_is_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "f.parquet"
+    path.write_bytes(b"a,b\n1,2\n")
+    with pytest.raises(InvalidArgument, match="not a valid Parquet file"):
+        parse_parquet(path)

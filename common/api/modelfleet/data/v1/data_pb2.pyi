@@ -35,7 +35,9 @@ class _DataFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataFormat
     DATA_FORMAT_NPZ: _DataFormat.ValueType  # 3
     """An .npz with arrays "x" (2-D) and optionally "y" (1-D); no pickled objects."""
     DATA_FORMAT_PARQUET: _DataFormat.ValueType  # 4
-    """Apache Parquet."""
+    """Apache Parquet: numeric, boolean and string (also dictionary-encoded)
+    columns, nulls as missing values; the label is column `label_column` (a name).
+    """
 
 class DataFormat(_DataFormat, metaclass=_DataFormatEnumTypeWrapper): ...
 
@@ -47,7 +49,9 @@ DATA_FORMAT_NPY: DataFormat.ValueType  # 2
 DATA_FORMAT_NPZ: DataFormat.ValueType  # 3
 """An .npz with arrays "x" (2-D) and optionally "y" (1-D); no pickled objects."""
 DATA_FORMAT_PARQUET: DataFormat.ValueType  # 4
-"""Apache Parquet."""
+"""Apache Parquet: numeric, boolean and string (also dictionary-encoded)
+columns, nulls as missing values; the label is column `label_column` (a name).
+"""
 Global___DataFormat: _TypeAlias = DataFormat  # noqa: Y015
 
 class _BuiltinSource:
