@@ -179,15 +179,21 @@ class Batcher:
                 if taken is None:
                     return
                 batch, dropped = taken
-                if dropped:
-                    self._drop(dropped)
-                if batch:
-                    self._execute(batch, self._deliver)
-                    with self._cond:
-                        self._running = False
-                        ran = sum(w.rows for w in batch)
-                        self._expected_rows = min(self.max_batch_size, ran + self._queued_rows)
-                        self._expect_until_ns = time.perf_counter_ns() + self._merge_wait_ns
+                try:
+                    if dropped:
+                        self._drop(dropped)
+                    if batch:
+                        self._execute(batch, self._deliver)
+                except Exception as exc:
+                    # Model errors are answered inside _execute; anything else is a bug,
+                    # which must fail these requests, not strand every later one.
+                    log.exception("batcher error", extra={"model": self.name, "version": self.version})
+                    self._deliver([(w.future, exc) for w in (*batch, *dropped)])
+                with self._cond:
+                    self._running = False
+                    ran = sum(w.rows for w in batch)
+                    self._expected_rows = min(self.max_batch_size, ran + self._queued_rows)
+                    self._expect_until_ns = time.perf_counter_ns() + self._merge_wait_ns
 
     def _next_batch(self) -> tuple[list[Work], list[Work]] | None:
         with self._cond:

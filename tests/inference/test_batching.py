@@ -164,6 +164,33 @@ async def test_fast_idle_model_runs_on_the_event_loop(delay_us: int, pass_s: flo
         await batcher.join(10)
 
 
+async def test_model_thread_survives_an_error_outside_the_forward_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[float] = []
+    batcher = _recording_batcher(asyncio.get_running_loop(), seen, pass_s=0.002)
+    record = batcher.stats.record_batch
+    calls = 0
+
+    def flaky(timing: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("statistics bug")
+        record(timing)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batcher.stats, "record_batch", flaky)
+    batcher.start()
+    try:
+        for value in (1.0, 2.0):  # the first pass's bookkeeping fails; the second still runs
+            future = batcher.submit([np.full((1, 4), value, np.float32)], 1, None, 0, 0)
+            await asyncio.wait_for(future, timeout=30)
+        assert seen == [1.0, 2.0]  # the model thread ran the second pass
+    finally:
+        batcher.close()
+        await batcher.join(10)
+
+
 async def test_bounded_queue_in_process() -> None:
     batcher = _recording_batcher(asyncio.get_running_loop(), [])
     futures = [batcher.submit([np.zeros((1, 4), np.float32)], 1, None, 0, 0) for _ in range(100)]
