@@ -26,6 +26,7 @@ from prometheus_client import start_http_server
 from common.auth import Authenticator
 from common.errors import Unavailable
 from common.grpcserver.interceptor import ServerInterceptor
+from common.grpcserver.tls import server_credentials
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,6 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def authenticator_for(settings: Settings) -> Authenticator:
     tokens_file = Path(settings.auth_tokens_file) if settings.auth_tokens_file else None
     return Authenticator(settings.auth_tokens, tokens_file)
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS from the certificate paths in settings; with a client CA, mutual TLS
-    (a client without a certificate signed by that CA cannot connect)."""
-    if not settings.server_tls:
-        return None
-    try:
-        chain = Path(settings.tls_cert_file).read_bytes()
-        key = Path(settings.tls_key_file).read_bytes()
-        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
-    except OSError as exc:
-        raise Unavailable(f"cannot read TLS files: {exc}") from exc
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
 
 
 class ServiceHost:

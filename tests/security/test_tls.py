@@ -4,6 +4,7 @@ generated here; clients go through the CLI's channel helper."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -125,6 +126,25 @@ async def test_mtls_rejects_client_cert_from_wrong_ca(mtls_target: str, settings
         tls_client_key_file=str(issued.key),
     )
     assert await _status(mtls_target, client) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_rotated_certificate_serves_new_connections(
+    server_tls: Settings, settings: Settings, pki: PKI, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Files replaced in place, as cert-manager or a re-mounted Secret does: new
+    connections get the new certificate with no restart; a half-done rotation (new
+    certificate, old key) keeps the previous pair serving."""
+    cert, key = Path(server_tls.tls_cert_file), Path(server_tls.tls_key_file)
+    old_ca = settings.replace(tls_ca_file=str(pki["ca"].files.cert))
+    new_ca = settings.replace(tls_ca_file=str(pki["rogue"].files.cert))
+    renewed = pki["rogue"].issue("server-renewed", server=True)
+    async for target in _serve(server_tls):
+        assert await _status(target, old_ca) == grpc.StatusCode.OK
+        os.replace(renewed.cert, cert)  # the key is still the old one: a mismatched pair
+        assert await _status(target, old_ca) == grpc.StatusCode.OK
+        os.replace(renewed.key, key)
+        assert await _status(target, new_ca) == grpc.StatusCode.OK
+        assert await _status(target, old_ca) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_tls_settings_are_checked(settings: Settings, tmp_path: Path) -> None:
