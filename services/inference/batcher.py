@@ -16,6 +16,11 @@ moment, at most half a forward pass from the end of the last, for the rows
 expected back: the callers just answered plus what was already queued. A lone
 caller expects only itself and never waits; neither does a model idle longer
 than that.
+
+A model whose last forward pass took under ``INLINE_PASS_NS`` runs a request
+that finds it idle (nothing queued, nothing running, no batching delay asked
+for, no more rows than that pass had) right on the event loop: the two thread
+hand-offs it saves cost more than such a pass.
 """
 
 from __future__ import annotations
@@ -103,7 +108,9 @@ class Batcher:
         # not each cost it a wake-up and the event loop a GIL hand-off.
         self._wake_rows = 1
         self._running = False  # a forward pass is in progress (model thread or inline)
-        self._last_pass_ns = 1 << 62  # unknown until the first pass
+        # The last forward pass: its duration (unknown until the first) and rows.
+        self._last_pass_ns = 1 << 62
+        self._last_pass_rows = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}-{version}", daemon=True)
 
     # --- event-loop side
@@ -127,6 +134,7 @@ class Batcher:
                 and not self._running
                 and not self._delay_ns
                 and self._last_pass_ns <= INLINE_PASS_NS
+                and rows <= self._last_pass_rows  # so this pass is no longer than that one
             )
             if inline:
                 self._running = True
@@ -266,7 +274,7 @@ class Batcher:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             inferred = time.perf_counter_ns()
-            self._last_pass_ns = inferred - ready
+            self._last_pass_ns, self._last_pass_rows = inferred - ready, rows
             self._merge_wait_ns = self._last_pass_ns // 2
             arrays = [
                 output_array(n, t) for n, t in zip(sig.outputs, outputs_of(result, sig.outputs), strict=True)

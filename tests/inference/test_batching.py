@@ -159,6 +159,10 @@ async def test_fast_idle_model_runs_on_the_event_loop(delay_us: int, pass_s: flo
         assert seen[0] == 1.0 and seen[-1] == 2.0
         stats = batcher.stats.proto()
         assert stats.inference_stats.success.count == len(seen)
+        # More rows than the last pass had: its duration is not known, so the model thread runs it.
+        wide = batcher.submit([np.full((3, 4), 3.0, np.float32)], 3, None, 0, 0)
+        assert not wide.done()
+        await asyncio.wait_for(wide, timeout=30)
     finally:
         batcher.close()
         await batcher.join(10)
