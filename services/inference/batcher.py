@@ -199,9 +199,10 @@ class Batcher:
                     self._deliver([(w.future, exc) for w in (*batch, *dropped)])
                 with self._cond:
                     self._running = False
-                    ran = sum(w.rows for w in batch)
-                    self._expected_rows = min(self.max_batch_size, ran + self._queued_rows)
-                    self._expect_until_ns = time.perf_counter_ns() + self._merge_wait_ns
+                    if batch:
+                        ran = sum(w.rows for w in batch)
+                        self._expected_rows = min(self.max_batch_size, ran + self._queued_rows)
+                        self._expect_until_ns = time.perf_counter_ns() + self._merge_wait_ns
 
     def _next_batch(self) -> tuple[list[Work], list[Work]] | None:
         with self._cond:
