@@ -113,16 +113,16 @@ def train_split(settings: Settings, spec: ts.TrainingSpec) -> tuple[ts.TrainingS
 
 
 def plain_loop(
-    bound: ts.TrainingSpec, features: np.ndarray, labels: np.ndarray, net: torch.nn.Module | None = None
+    bound: ts.TrainingSpec, features: np.ndarray, labels: np.ndarray, distributed: bool = False
 ) -> list[float]:
     """The reference: one process, its rows in memory as a tensor, randperm
     batches, same model, optimizer, loss and batch size. Samples/s per epoch.
-    With ``net`` (a DDP-wrapped model) it is one rank of the bare DDP reference."""
+    ``distributed``: the model under DDP, as one rank of the bare DDP reference."""
     x = torch.from_numpy(features)
     y = torch.from_numpy(labels)
     torch.manual_seed(0)
-    model = MLP(bound.architecture.mlp)
-    net = net or model.layers
+    layers = MLP(bound.architecture.mlp).layers
+    net = DistributedDataParallel(layers) if distributed else layers
     optimizer = torch.optim.Adam(net.parameters(), lr=bound.learning_rate)
     rates = []
     for _ in range(bound.epochs):
@@ -152,10 +152,8 @@ def _ddp_rank(
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         per_rank = ts.TrainingSpec.FromString(spec_bytes)  # messages do not pickle across spawn
-        torch.manual_seed(0)
-        net = DistributedDataParallel(MLP(per_rank.architecture.mlp).layers)
         per_rank.batch_size //= world_size
-        rates = plain_loop(per_rank, features[rank::world_size], labels[rank::world_size], net)
+        rates = plain_loop(per_rank, features[rank::world_size], labels[rank::world_size], distributed=True)
         if rank == 0:
             results.put([rate * world_size for rate in rates])
     finally:
