@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,12 @@ from common.settings import Settings
 from services.cli.serve import run_loop
 
 MODELS = {"tiny": (1000, (100,), 1), "medium": (1024, (4096, 4096), 10)}
+
+
+@dataclass
+class Server:
+    stub: pb_grpc.GRPCInferenceServiceStub
+    pid: int
 
 
 @dataclass
@@ -157,14 +165,24 @@ async def wait_ready(stub: pb_grpc.GRPCInferenceServiceStub, server: subprocess.
     raise SystemExit("server did not become ready")
 
 
-async def drive(
-    stub: pb_grpc.GRPCInferenceServiceStub,
-    server_pid: int,
-    name: str,
-    width: int,
-    concurrency: int,
-    seconds: float,
-) -> Run:
+@contextlib.asynccontextmanager
+async def running(command: list[str], port: int, env: dict[str, str]) -> AsyncIterator[Server]:
+    """A server subprocess, ready, with a channel to it; terminated on exit."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await wait_ready(stub, process)
+            yield Server(stub, process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def drive(server: Server, name: str, width: int, concurrency: int, seconds: float) -> Run:
+    """``name`` served by ``server``; the mean batch comes from ModelStatistics when
+    ``name`` is one of MODELS (the canned server has no statistics: 0)."""
+    stub = server.stub
     x = np.random.default_rng(0).standard_normal((1, width)).astype("<f4")
     request = pb.ModelInferRequest(
         model_name=name,
@@ -183,11 +201,11 @@ async def drive(
             await stub.ModelInfer(request)
             latencies.append(time.perf_counter() - start)
 
-    cpu_before = cpu_seconds(server_pid)
+    cpu_before = cpu_seconds(server.pid)
     began = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
-    cpu_used = cpu_seconds(server_pid) - cpu_before
+    cpu_used = cpu_seconds(server.pid) - cpu_before
     after = await _counts(stub, name)
     executions = after[0] - before[0]
     rows = after[1] - before[1]
@@ -205,7 +223,7 @@ async def drive(
 
 
 async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, name: str) -> tuple[int, int]:
-    """(executions, rows) so far; (0, 0) from a server without statistics (the canned one)."""
+    """(executions, rows) so far; (0, 0) for the canned server's model, which has none."""
     if name not in MODELS:
         return 0, 0
     stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))).model_stats[0]
@@ -265,29 +283,15 @@ async def main() -> None:
     runs: list[Run] = []
     floors: list[Run] = []
     try:
-        canned_port = free_port()
-        servers: list[tuple[list[str], int, tuple[str, ...]]] = [
-            (
-                [sys.executable, "-m", "services.cli.main", "serve", "inference"],
-                settings.inference_port,
-                (*MODELS,),
-            ),
-            ([sys.executable, __file__, "--canned-server", str(canned_port)], canned_port, ("canned",)),
-        ]
-        for command, port, names in servers:
-            server = subprocess.Popen(command, env=env)
-            try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                    await wait_ready(stub, server)
-                    for name in names:
-                        width = MODELS.get(name, MODELS["medium"])[0]
-                        for concurrency in args.concurrency:
-                            run = await drive(stub, server.pid, name, width, concurrency, args.seconds)
-                            (runs if name in MODELS else floors).append(run)
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+        modelfleet = [sys.executable, "-m", "services.cli.main", "serve", "inference"]
+        async with running(modelfleet, settings.inference_port, env) as server:
+            for name, (width, _, _) in MODELS.items():
+                for concurrency in args.concurrency:
+                    runs.append(await drive(server, name, width, concurrency, args.seconds))
+        port = free_port()
+        async with running([sys.executable, __file__, "--canned-server", str(port)], port, env) as server:
+            for concurrency in args.concurrency:
+                floors.append(await drive(server, "canned", MODELS["medium"][0], concurrency, args.seconds))
     finally:
         keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*"))
         if keys:
