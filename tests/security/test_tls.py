@@ -129,7 +129,7 @@ async def test_mtls_rejects_client_cert_from_wrong_ca(mtls_target: str, settings
 
 
 async def test_rotated_certificate_serves_new_connections(
-    server_tls: Settings, settings: Settings, pki: PKI, redis_client: redis.Redis, tmp_path: Path
+    server_tls: Settings, settings: Settings, pki: PKI, redis_client: redis.Redis
 ) -> None:
     """Files replaced in place, as cert-manager or a re-mounted Secret does: new
     connections get the new certificate with no restart; a half-done rotation (new
