@@ -16,6 +16,7 @@ from prometheus_client import Counter, Histogram
 
 from common.auth import ANONYMOUS, Authenticator, principal_var
 from common.errors import InvalidArgument, ModelfleetError
+from common.grpcserver.enums import check_enums
 from common.grpcserver.errors import status_for
 from common.logging import method_var, request_id_var
 
@@ -33,6 +34,8 @@ LATENCY = Histogram(
 # Request ids for callers that send no x-request-id: unique per process, cheap on the hot path.
 _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(1)
+# Longest status message sent; longer ones are cut (see cut_message).
+MAX_MESSAGE_CHARS = 1024
 
 
 class _MethodMetrics:
@@ -96,7 +99,7 @@ async def _fail(exc: BaseException, metrics: _MethodMetrics, context: grpc.aio.S
     method = metrics.method
     code = status_for(exc)
     if isinstance(exc, ModelfleetError):
-        message = exc.message
+        message = cut_message(exc.message)
         log.info("request rejected", extra={"code": code.name, "reason": message})
     elif isinstance(exc, NotImplementedError):
         # Generated servicer base classes raise it for RPCs a service does not implement.
@@ -106,6 +109,15 @@ async def _fail(exc: BaseException, metrics: _MethodMetrics, context: grpc.aio.S
         log.exception("unhandled error in %s", method)
     metrics.count(code)
     await context.abort(code, message)
+
+
+def cut_message(message: str) -> str:
+    """A status message short enough for any client: messages echo client values
+    (names, versions), and a status line past the peer's metadata limit (8 KiB by
+    default) reaches the client as RESOURCE_EXHAUSTED instead of the real error."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 15] + "... (truncated)"
 
 
 def _done(metrics: _MethodMetrics, start: float, context: grpc.aio.ServicerContext) -> None:
@@ -138,6 +150,7 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 def _decoded(request: Any) -> Any:
     if isinstance(request, _Undecodable):
         raise InvalidArgument(f"request message is not valid protobuf: {request.reason}")
+    check_enums(request)
     return request
 
 

@@ -13,6 +13,7 @@ import grpc
 from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from common.errors import InvalidArgument, ModelfleetError
+from common.grpcserver.interceptor import cut_message
 from services.inference.engine import InferenceEngine
 from services.inference.repository import ModelRepository
 
@@ -86,7 +87,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self._engine.infer(request, context.time_remaining())
             except ModelfleetError as exc:
-                yield pb.ModelStreamInferResponse(error_message=exc.message)
+                yield pb.ModelStreamInferResponse(error_message=cut_message(exc.message))
                 continue
             except Exception:
                 log.exception("stream inference failed")
