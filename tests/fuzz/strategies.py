@@ -39,6 +39,9 @@ HOSTILE_STRINGS = (
     "1",
     "99999999999999999999999999",
     "1e9",
+    "\u00b2",  # superscript two: str.isdigit() is true, int() refuses it
+    "\u0661\u0662",  # Arabic-Indic digits: int() takes them, they are not ASCII
+    "\uff11",  # full-width one
     "nan",
     "latest",
     "*",
@@ -91,7 +94,8 @@ def _scalar(field: FieldDescriptor, known: Sequence[str]) -> st.SearchStrategy[A
     if kind == FieldDescriptor.TYPE_ENUM:
         assert field.enum_type is not None, field.full_name
         numbers = tuple(v.number for v in field.enum_type.values)
-        return st.one_of(st.sampled_from(numbers), st.integers(-3, 1000))
+        undefined = (-1, max(numbers) + 1, 2**31 - 1, -(2**31))
+        return st.one_of(st.sampled_from(numbers), st.sampled_from(undefined), st.integers(-3, 1000))
     if kind in _INT32:
         return st.one_of(st.sampled_from(INT32_EDGES), st.integers(-(2**31), 2**31 - 1))
     if kind in _INT64:
