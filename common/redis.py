@@ -28,14 +28,32 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12)
 
 
-def connect(url: str) -> redis.Redis:
-    """A synchronous client that retries transient connection errors."""
+def connect(url: str, timeout_s: float | None = None) -> redis.Redis:
+    """A synchronous client that retries transient connection errors.
+
+    Without ``timeout_s`` (workers, background loops) it rides out a Redis restart
+    (about 10 s of retries). With it (servers answering RPCs) every command either
+    succeeds or raises within about ``timeout_s``: sockets time out after a quarter
+    of it and two quick retries follow, so a caller gets UNAVAILABLE in bounded time
+    instead of waiting out a restart.
+    """
+    if timeout_s is None:
+        return redis.Redis.from_url(
+            url,
+            retry=_retry(),
+            retry_on_error=list(_RETRY_ON),
+            health_check_interval=15,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+        )
+    step = timeout_s / 4
     return redis.Redis.from_url(
         url,
-        retry=_retry(),
+        retry=Retry(ExponentialBackoff(cap=step, base=0.05), retries=2),
         retry_on_error=list(_RETRY_ON),
         health_check_interval=15,
-        socket_connect_timeout=5,
+        socket_connect_timeout=step,
+        socket_timeout=step,
         socket_keepalive=True,
     )
 

@@ -27,6 +27,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix of every Redis key and channel; lets deployments (and tests) share a Redis.
     redis_prefix: str = "mf"
+    # Servers: a Redis command answers or fails within about this long, so RPCs
+    # needing Redis get UNAVAILABLE in bounded time while it is down.
+    redis_timeout_s: float = 2.0
     artifact_root: Path = Path(".modelfleet/artifacts")
     # Model device for inference, training and compression: auto, cpu or cuda.
     device: str = "auto"
@@ -141,6 +144,7 @@ class Settings:
             "job_visibility_timeout_s",
             "job_heartbeat_s",
             "job_max_attempts",
+            "redis_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import errors
 
@@ -19,6 +22,24 @@ STATUS_CODES: dict[type[errors.ModelfleetError], grpc.StatusCode] = {
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
 }
+
+
+# Failures of the Redis every service keeps its state in: transient (UNAVAILABLE,
+# retry) or full (RESOURCE_EXHAUSTED: maxmemory with noeviction refuses writes).
+DEPENDENCY_ERRORS: dict[type[BaseException], tuple[grpc.StatusCode, str]] = {
+    RedisConnectionError: (grpc.StatusCode.UNAVAILABLE, "Redis is unreachable; retry later"),
+    RedisTimeoutError: (grpc.StatusCode.UNAVAILABLE, "Redis did not answer in time; retry later"),
+    RedisOutOfMemoryError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "Redis is out of memory; writes are refused"),
+}
+
+
+def dependency_failure(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """(code, message) when ``exc`` is a dependency's failure, not a bug."""
+    for kind in type(exc).__mro__:
+        found = DEPENDENCY_ERRORS.get(kind)
+        if found is not None:
+            return found
+    return None
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# How often depends_on probes run.
+DEPENDENCY_POLL_S = 1.0
 
 
 def authenticator_for(settings: Settings) -> Authenticator:
@@ -51,6 +53,12 @@ class ServiceHost:
         self._ready_hooks: list[Callable[[], Awaitable[None]]] = []
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
+        # Health: what the service asked for (set_serving), held down while a
+        # dependency the service cannot work without is unreachable.
+        self._wanted = False
+        self._dependencies: list[tuple[str, Callable[[], object]]] = []
+        self._down: set[str] = set()
+        self._monitor: asyncio.Task[None] | None = None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -83,12 +91,37 @@ class ServiceHost:
         (e.g. load and warm models): probes then see NOT_SERVING, not a closed port."""
         self._ready_hooks.append(hook)
 
+    def depends_on(self, name: str, probe: Callable[[], object]) -> None:
+        """Report NOT_SERVING while ``probe`` (blocking; run in a thread every
+        ``DEPENDENCY_POLL_S``) raises, and SERVING again once it passes: for a
+        dependency without which the service answers nothing useful (Redis)."""
+        self._dependencies.append((name, probe))
+
     async def ready(self) -> None:
         """Run the on-ready hooks (once), then report SERVING."""
         hooks, self._ready_hooks = self._ready_hooks, []
         for hook in hooks:
             await hook()
         await self.set_serving(True)
+        if self._dependencies and self._monitor is None:
+            self._monitor = asyncio.create_task(self._watch_dependencies(), name=f"{self.name}-dependencies")
+
+    async def _watch_dependencies(self) -> None:
+        while not self._stopping.is_set():
+            for name, probe in self._dependencies:
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(probe), DEPENDENCY_POLL_S * 2)
+                except Exception as exc:
+                    if name not in self._down:
+                        log.warning("dependency unreachable", extra={"dependency": name, "reason": str(exc)})
+                        self._down.add(name)
+                        await self._publish()
+                else:
+                    if name in self._down:
+                        log.info("dependency reachable again", extra={"dependency": name})
+                        self._down.discard(name)
+                        await self._publish()
+            await asyncio.sleep(DEPENDENCY_POLL_S)
 
     def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` after in-flight calls drained (e.g. stop batchers, close Redis)."""
@@ -145,6 +178,11 @@ class ServiceHost:
         return bound
 
     async def set_serving(self, serving: bool) -> None:
+        self._wanted = serving
+        await self._publish()
+
+    async def _publish(self) -> None:
+        serving = self._wanted and not self._down and not self._stopping.is_set()
         status = _SERVING if serving else _NOT_SERVING
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
@@ -155,6 +193,8 @@ class ServiceHost:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.cancel()
         await self.set_serving(False)
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("%s draining", self.name, extra={"grace_s": grace})

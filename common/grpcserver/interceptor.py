@@ -17,7 +17,7 @@ from prometheus_client import Counter, Histogram
 from common.auth import ANONYMOUS, Authenticator, principal_var
 from common.errors import InvalidArgument, ModelfleetError
 from common.grpcserver.enums import check_enums
-from common.grpcserver.errors import status_for
+from common.grpcserver.errors import dependency_failure, status_for
 from common.logging import method_var, request_id_var
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ async def _fail(exc: BaseException, metrics: _MethodMetrics, context: grpc.aio.S
     elif isinstance(exc, NotImplementedError):
         # Generated servicer base classes raise it for RPCs a service does not implement.
         code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
+    elif (failure := dependency_failure(exc)) is not None:
+        code, message = failure
+        log.warning("dependency failed", extra={"code": code.name, "reason": f"{type(exc).__name__}: {exc}"})
     else:
         message = "internal error; see server logs"
         log.exception("unhandled error in %s", method)

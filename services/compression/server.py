@@ -19,13 +19,15 @@ COMPRESSION_SERVICE = "modelfleet.compression.v1.CompressionService"
 
 
 async def build(settings: Settings) -> ServiceHost:
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings.redis_timeout_s)
     wait_for_redis(client)
     queue = JobQueue(client, settings)
     submitter = CompressionSubmitter(
         queue, ModelRegistry(client, settings.redis_prefix), DatasetCatalog(client, settings.redis_prefix)
     )
     host = ServiceHost(settings, "compression", settings.compression_port)
+    # Nothing this service answers works without Redis: NOT_SERVING while it is down.
+    host.depends_on("redis", client.ping)
     host.add(
         compression_pb2_grpc.add_CompressionServiceServicer_to_server,
         CompressionServicer(submitter),

@@ -17,7 +17,7 @@ SERVICE_NAME = "modelfleet.data.v1.DataService"
 
 
 async def build(settings: Settings) -> ServiceHost:
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings.redis_timeout_s)
     await asyncio.to_thread(wait_for_redis, client)
     service = DataService(
         ArtifactStore(settings.artifact_root),
@@ -25,6 +25,8 @@ async def build(settings: Settings) -> ServiceHost:
         settings.max_upload_bytes,
     )
     host = ServiceHost(settings, "data", settings.data_port)
+    # Nothing this service answers works without Redis: NOT_SERVING while it is down.
+    host.depends_on("redis", client.ping)
     host.add(
         data_pb2_grpc.add_DataServiceServicer_to_server,
         DataServicer(service, settings.max_message_bytes),

@@ -29,7 +29,7 @@ async def build(settings: Settings, poll_s: float = 3.0) -> ServiceHost:
     events act at once; the poll only bounds the delay after a missed one).
     """
     torch.set_num_threads(settings.torch_threads)
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings.redis_timeout_s)
     wait_for_redis(client)
     registry = ModelRegistry(client, settings.redis_prefix)
     store = ArtifactStore(settings.artifact_root)

@@ -19,11 +19,13 @@ SERVICE_NAME = "modelfleet.training.v1.TrainingService"
 
 
 async def build(settings: Settings) -> ServiceHost:
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings.redis_timeout_s)
     await asyncio.to_thread(wait_for_redis, client)
     queue = JobQueue(client, settings)
     submitter = TrainingSubmitter(queue, DatasetCatalog(client, settings.redis_prefix))
     host = ServiceHost(settings, "training", settings.training_port)
+    # Nothing this service answers works without Redis: NOT_SERVING while it is down.
+    host.depends_on("redis", client.ping)
     host.add(
         training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(submitter), SERVICE_NAME
     )
