@@ -66,16 +66,46 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         method: str = details.method
         wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        public = self._auth.is_public(method)
-        if public and not self._auth.enabled:
-            return handler
-        wrapped = self._wrapped[method] = _wrap(handler, method, self._auth, public)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            public = self._auth.is_public(method)
+            if public and not self._auth.enabled:
+                return handler
+            wrapped = self._wrapped[method] = _wrap(handler, method, self._auth, public)
+        if self._auth.enabled and not self._auth.is_public(method):
+            # Refuse from the headers alone, before the body is read: an unauthenticated
+            # 200 MB request must not cost 200 MB (gRPC reads a unary request whole
+            # before calling its handler).
+            try:
+                self._auth.authorize(method, self._auth.authenticate(details.invocation_metadata))
+            except ModelfleetError as exc:
+                return _refusal(wrapped, exc, _MethodMetrics(method))
         return wrapped
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler, exc: ModelfleetError, metrics: _MethodMetrics
+) -> grpc.RpcMethodHandler:
+    """A handler that answers ``exc`` without reading the request: a streaming-request
+    handler, so gRPC does not receive a unary request's message first."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if not handler.response_streaming:
+
+        async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _fail(exc, metrics, context)
+
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+
+    async def refuse_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await _fail(exc, metrics, context)
+        yield  # pragma: no cover - never reached: _fail aborts
+
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
 
 
 def _begin(method: str, auth: Authenticator, public: bool, context: grpc.aio.ServicerContext) -> float:
