@@ -46,6 +46,10 @@ PLATFORMS = {
 _NO_ROUTING = Routing(default_version="", canary_version="", canary_fraction=0.0)
 # How long an unloaded version's thread gets to finish its queue.
 _DRAIN_S = 30.0
+# A version that failed to load is retried after this long, doubling each time up
+# to the cap (an explicit RepositoryModelLoad retries at once).
+LOAD_BACKOFF_S = 5.0
+LOAD_BACKOFF_MAX_S = 300.0
 
 
 @dataclass(eq=False)
@@ -74,6 +78,18 @@ class _Model:
 
 
 @dataclass(frozen=True)
+class _Backoff:
+    error: ModelfleetError
+    delay_s: float
+    retry_at: float  # event-loop time
+
+
+def _next_delay(previous: _Backoff | None) -> float:
+    """Seconds before a failed version is tried again: doubling up to five minutes."""
+    return min(LOAD_BACKOFF_MAX_S, previous.delay_s * 2) if previous else LOAD_BACKOFF_S
+
+
+@dataclass(frozen=True)
 class IndexEntry:
     name: str
     version: str
@@ -98,6 +114,8 @@ class ModelRepository:
         self._models: dict[str, _Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._failures: dict[str, str] = {}  # model -> why its last load failed
+        # (model, version) -> when a version that failed to load may be tried again.
+        self._backoff: dict[tuple[str, str], _Backoff] = {}
         self._unloaded: set[str] = set()  # explicitly unloaded: not followed until loaded again
         self._tasks: set[asyncio.Task[None]] = set()
         self._follower: asyncio.Task[None] | None = None
@@ -152,6 +170,11 @@ class ModelRepository:
         if ready_only:
             return entries
         loaded = {e.name for e in entries}
+        served = {(e.name, e.version) for e in entries}
+        for (name, version), backoff in sorted(self._backoff.items()):
+            if (name, version) not in served:
+                entries.append(IndexEntry(name, version, "UNAVAILABLE", backoff.error.message))
+                loaded.add(name)
         for name in sorted(await asyncio.to_thread(self._registry_names)):
             if name not in loaded:
                 entries.append(IndexEntry(name, "", "UNAVAILABLE", self._failures.get(name, "not loaded")))
@@ -188,7 +211,7 @@ class ModelRepository:
             model = self._models.get(name)
             previous = model.pinned if model else ""
             pin = str(int(version)) if version.isdigit() else version
-            errors = await self._apply(name, pin)
+            errors = await self._apply(name, pin, force=True)
             if errors:
                 if name in self._models:
                     self._models[name].pinned = previous
@@ -273,8 +296,9 @@ class ModelRepository:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    async def _apply(self, name: str, pin: str) -> list[ModelfleetError]:
-        """Bring ``name`` to its target routing (caller holds its lock); returns load errors."""
+    async def _apply(self, name: str, pin: str, force: bool = False) -> list[ModelfleetError]:
+        """Bring ``name`` to its target routing (caller holds its lock); returns load errors.
+        Versions that failed to load are skipped until their backoff ends, unless ``force``."""
         try:
             if pin:
                 target = Routing(default_version=pin, canary_version="", canary_fraction=0.0)
@@ -287,21 +311,34 @@ class ModelRepository:
                 self._retire(gone.versions.values())
             return [exc]
         model = self._models.get(name) or _Model()
+        loop = asyncio.get_running_loop()
         errors: list[ModelfleetError] = []
         loaded: dict[str, Served] = {}
         for version in {target.default_version, target.canary_version} - {""} - set(model.versions):
+            backoff = self._backoff.get((name, version))
+            if backoff is not None and not force and loop.time() < backoff.retry_at:
+                # Failed recently: the registry poll does not retry it before its backoff ends.
+                errors.append(backoff.error)
+                continue
             try:
                 loaded[version] = await self._load_version(name, version)
-            except ModelfleetError as exc:
-                errors.append(exc)
-                self._failures[name] = exc.message
-                log.warning(
-                    "model load failed", extra={"model": name, "version": version, "reason": exc.message}
-                )
             except Exception as exc:
-                errors.append(ModelfleetError(f"model {name!r} version {version} failed to load"))
-                self._failures[name] = f"version {version} failed to load: {type(exc).__name__}"
-                log.exception("model load failed", extra={"model": name, "version": version})
+                error = (
+                    exc
+                    if isinstance(exc, ModelfleetError)
+                    else ModelfleetError(f"version {version} failed to load: {type(exc).__name__}")
+                )
+                errors.append(error)
+                self._failures[name] = error.message
+                delay = _next_delay(backoff)
+                self._backoff[(name, version)] = _Backoff(error, delay, loop.time() + delay)
+                log.warning(
+                    "model load failed",
+                    exc_info=not isinstance(exc, ModelfleetError),
+                    extra={"model": name, "version": version, "reason": error.message, "retry_in_s": delay},
+                )
+            else:
+                self._backoff.pop((name, version), None)
         available = {**model.versions, **loaded}
         # A version that failed to load keeps its predecessor serving.
         default = (

@@ -82,4 +82,9 @@ async def test_failed_reload_keeps_old_version(serve, registry: ModelRegistry, s
         assert "version '2'" in (info.value.details() or "")
         assert (await srv.stub.ModelInfer(REQUEST)).model_version == "1"
         index = await srv.stub.RepositoryIndex(pb.RepositoryIndexRequest())
-        assert [(m.name, m.version, m.state) for m in index.models] == [("m", "1", "READY")]
+        # Version 1 serves; version 2 is listed with why it is not.
+        assert [(m.name, m.version, m.state) for m in index.models] == [
+            ("m", "1", "READY"),
+            ("m", "2", "UNAVAILABLE"),
+        ]
+        assert "not a loadable" in index.models[1].reason
