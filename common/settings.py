@@ -85,6 +85,9 @@ class Settings:
 
     # --- data
     max_upload_bytes: int = 1024 * 1024 * 1024
+    # Largest model (parameters) a training job may build: one that can never fit is
+    # refused at submit instead of failing attempt after attempt. 2**28 = 1 GiB of fp32.
+    max_model_parameters: int = 2**28
 
     # --- jobs
     # A job not heartbeated for this long is reclaimed by another worker.
@@ -145,6 +148,7 @@ class Settings:
             "job_heartbeat_s",
             "job_max_attempts",
             "redis_timeout_s",
+            "max_model_parameters",
         )
         for name in positive:
             if getattr(self, name) <= 0:

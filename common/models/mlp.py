@@ -83,6 +83,24 @@ def validate_mlp(arch: model_pb2.MlpArchitecture, where: str = "architecture.mlp
         raise InvalidArgument(f"{where}.dropout must be in [0, 1), got {arch.dropout}")
 
 
+def parameter_count(arch: model_pb2.MlpArchitecture) -> int:
+    """Weights and biases of the MLP ``arch`` describes, without building it."""
+    widths = [arch.input_size, *arch.hidden_sizes, arch.output_size]
+    return sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(widths))
+
+
+def check_parameter_budget(arch: model_pb2.MlpArchitecture, budget: int, where: str) -> None:
+    """InvalidArgument before anything is allocated when ``arch`` exceeds ``budget``
+    parameters (MODELFLEET_MAX_MODEL_PARAMETERS): such a model can never fit, so it
+    is refused at submit instead of failing every attempt."""
+    count = parameter_count(arch)
+    if count > budget:
+        raise InvalidArgument(
+            f"{where} has {count:,} parameters, above this deployment's budget of {budget:,} "
+            "(MODELFLEET_MAX_MODEL_PARAMETERS)"
+        )
+
+
 def is_normalized(norm: model_pb2.Normalization) -> bool:
     return norm.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX)
 

@@ -19,7 +19,7 @@ from common.device import resolve_device
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from common.jobs import JobCancelledError, JobContext, JobOutcome, JobQueue, PermanentJobError
 from common.models.loading import mlp_tensor_specs, save_mlp
-from common.models.mlp import MLP, build_model, is_normalized
+from common.models.mlp import MLP, build_model, check_parameter_budget, is_normalized
 from common.registry import ModelRegistry
 from common.settings import Settings
 from services.training.checkpoint import CheckpointDir, checkpoint_dir
@@ -43,6 +43,9 @@ class TrainingHandler:
         job = ctx.job
         try:
             spec, record = resolve_spec(self.catalog, job.training)
+            check_parameter_budget(
+                spec.architecture.mlp, self.settings.max_model_parameters, "spec.architecture.mlp"
+            )
         except (InvalidArgument, NotFound) as exc:
             raise PermanentJobError(exc.message) from exc
         # A node without CUDA (or with too few GPUs) may be followed by one with

@@ -222,3 +222,17 @@ async def test_cancel_stops_a_running_job(
         await asyncio.sleep(0.05)
     assert worker.poll() is None
     assert np.isfinite(job.metrics["train_loss"])
+
+
+async def test_submit_refuses_a_model_above_the_parameter_budget(stubs: Stubs, digits: Dataset) -> None:
+    """A model that can never fit is refused at submit (it used to be queued and
+    fail, attempt after attempt, allocating each time)."""
+    huge = ts.TrainingSpec(dataset_name="digits", model_name="m")
+    huge.architecture.mlp.hidden_sizes.extend([50_000, 50_000])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await submit(stubs, huge)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert "2,503,800,010 parameters" in details and "MODELFLEET_MAX_MODEL_PARAMETERS" in details, details
+    listed = await stubs.jobs.ListJobs(jobs_pb2.ListJobsRequest())
+    assert not listed.jobs  # nothing was queued
