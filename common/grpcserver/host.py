@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 
 from common.auth import Authenticator
 from common.errors import Unavailable
+from common.grpcserver.drain import Drain
 from common.grpcserver.interceptor import ServerInterceptor
 from common.grpcserver.tls import server_credentials
 from common.settings import Settings
@@ -53,6 +54,7 @@ class ServiceHost:
         self._ready_hooks: list[Callable[[], Awaitable[None]]] = []
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
+        self.drain = Drain(name)
         # Health: what the service asked for (set_serving), held down while a
         # dependency the service cannot work without is unreachable.
         self._wanted = False
@@ -68,7 +70,7 @@ class ServiceHost:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         self.server = grpc.aio.server(
-            interceptors=[ServerInterceptor(authenticator_for(settings))],
+            interceptors=[ServerInterceptor(authenticator_for(settings), self.drain)],
             options=options,
         )
         self.health = health.aio.HealthServicer()
@@ -197,8 +199,11 @@ class ServiceHost:
             self._monitor.cancel()
         await self.set_serving(False)
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        log.info("%s draining", self.name, extra={"grace_s": grace})
-        await self.server.stop(grace)
+        log.info("%s draining", self.name, extra={"grace_s": grace, "in_flight": self.drain.in_flight})
+        # New calls are answered UNAVAILABLE while accepted ones finish; gRPC's own
+        # stop comes after (see common/grpcserver/drain.py).
+        left = await self.drain.wait_idle(grace)
+        await self.server.stop(left)
         if self.health_server is not None:
             # Probes saw NOT_SERVING through the whole drain; only now does the port close.
             await self.health_server.stop(None)

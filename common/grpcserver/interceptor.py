@@ -16,6 +16,7 @@ from prometheus_client import Counter, Histogram
 
 from common.auth import ANONYMOUS, Authenticator, principal_var
 from common.errors import InvalidArgument, ModelfleetError
+from common.grpcserver.drain import Drain
 from common.grpcserver.enums import check_enums
 from common.grpcserver.errors import dependency_failure, status_for
 from common.logging import method_var, request_id_var
@@ -54,8 +55,9 @@ class _MethodMetrics:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, drain: Drain) -> None:
         self._auth = authenticator
+        self._drain = drain
         # Wrapped handlers per method: grpc asks on every call, the answer never changes.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -73,7 +75,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             public = self._auth.is_public(method)
             if public and not self._auth.enabled:
                 return handler
-            wrapped = self._wrapped[method] = _wrap(handler, method, self._auth, public)
+            wrapped = self._wrapped[method] = _wrap(handler, method, self._auth, public, self._drain)
+        if self._drain.draining and not self._auth.is_public(method):
+            return _refusal(wrapped, self._drain.refusal(), _MethodMetrics(method), read_first=True)
         if self._auth.enabled and not self._auth.is_public(method):
             # Refuse from the headers alone, before the body is read: an unauthenticated
             # 200 MB request must not cost 200 MB (gRPC reads a unary request whole
@@ -86,14 +90,32 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler, exc: ModelfleetError, metrics: _MethodMetrics
+    handler: grpc.RpcMethodHandler, exc: ModelfleetError, metrics: _MethodMetrics, read_first: bool = False
 ) -> grpc.RpcMethodHandler:
-    """A handler that answers ``exc`` without reading the request: a streaming-request
-    handler, so gRPC does not receive a unary request's message first."""
+    """A handler that answers ``exc``. Unless ``read_first``, it does not read the
+    request: a streaming-request handler, so gRPC does not receive a unary request's
+    message first. A unary caller that is still sending when the answer comes may see
+    CANCELLED instead, so a refusal that is not about the body's cost (draining)
+    reads a unary request first."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
+    if read_first and not handler.request_streaming:
+
+        async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _fail(exc, metrics, context)
+
+        if handler.response_streaming:
+
+            async def refuse_unary_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                await _fail(exc, metrics, context)
+                yield  # pragma: no cover - never reached: _fail aborts
+
+            return grpc.unary_stream_rpc_method_handler(refuse_unary_stream, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(refuse_unary, **kwargs)
     if not handler.response_streaming:
 
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -193,7 +215,7 @@ async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, method: str, auth: Authenticator, public: bool
+    handler: grpc.RpcMethodHandler, method: str, auth: Authenticator, public: bool, drain: Drain
 ) -> grpc.RpcMethodHandler:
     kwargs = {
         "request_deserializer": _lenient(handler.request_deserializer),
@@ -209,6 +231,7 @@ def _wrap(
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            drain.enter()
             try:
                 start = _begin(method, auth, public, context)
                 response = await inner(checked(request), context)
@@ -216,6 +239,8 @@ def _wrap(
                 raise
             except Exception as exc:
                 await _fail(exc, metrics, context)
+            finally:
+                drain.leave()
             _done(metrics, start, context)
             return response
 
@@ -226,6 +251,7 @@ def _wrap(
     inner_stream = handler.unary_stream or handler.stream_stream
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        drain.enter()
         try:
             start = _begin(method, auth, public, context)
             async for item in inner_stream(checked(request), context):
@@ -234,6 +260,8 @@ def _wrap(
             raise
         except Exception as exc:
             await _fail(exc, metrics, context)
+        finally:
+            drain.leave()
         _done(metrics, start, context)
 
     if handler.request_streaming:
