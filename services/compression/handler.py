@@ -27,7 +27,7 @@ from common.registry import ModelRegistry
 from common.settings import Settings
 from services.compression.ops.finetune import TrainData
 from services.compression.pipeline import PipelineResult, run_pipeline
-from services.compression.report import measure
+from services.compression.report import check_metric_drop, measure, measured_notes
 from services.compression.spec import ResolvedSpec, resolve
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class CompressionHandler:
         ref = self._store(result)
         check_cancel()
         report = self._report(resolved, source, result, ref, device)
+        refused = check_metric_drop(report, spec)
+        if refused:
+            raise PermanentJobError(refused)
         check_cancel()
         version = self.registry.register(self._version(ctx.job.id, resolved, result, ref, report))
         log.info(
@@ -157,7 +160,9 @@ class CompressionHandler:
             source=measure(source, source, input_size, resolved.source.artifact_size_bytes, device, data),
             compressed=measure(served, result.model, input_size, ref.size, device, data),
         )
-        report.notes.extend([*result.notes, where, f"latency measured on {device} by this worker"])
+        report.notes.extend(
+            [*measured_notes(report), *result.notes, where, f"latency measured on {device} by this worker"]
+        )
         return report
 
     @staticmethod

@@ -103,7 +103,7 @@ def run_pipeline(
             s = step.structured_pruning
             state.model, kept = prune_neurons(state.model, s.sparsity, s.norm or 2)
             state.masks = _carry_masks(state.masks, kept)
-            notes.append("structured pruning: smaller dense layers, faster at every batch size on any device")
+            notes.append("structured pruning: smaller dense layers, fewer FLOPs at every batch size")
         elif kind in ("l1_constrained_finetune", "finetune"):
             _finetune_step(state, step, index, train_data(), teacher, seed, on_epoch)
             if kind == "l1_constrained_finetune":

@@ -99,3 +99,53 @@ def measure(
     if data is not None:
         out.metric_name, out.metric_value = task_metric(module.layers, data)
     return out
+
+
+# Used when CompressionSpec.max_metric_drop is unset.
+DEFAULT_MAX_METRIC_DROP = 0.05
+
+
+def metric_drop(report: spec_pb2.CompressionReport) -> float:
+    """How much worse the compressed model's task metric is (a rise for mse)."""
+    before, after = report.source.metric_value, report.compressed.metric_value
+    return after - before if report.compressed.metric_name == "mse" else before - after
+
+
+def check_metric_drop(report: spec_pb2.CompressionReport, spec: spec_pb2.CompressionSpec) -> str | None:
+    """Why the job must fail (the metric fell more than the spec allows), or None."""
+    if not report.compressed.metric_name:
+        return None
+    bound = spec.max_metric_drop if spec.HasField("max_metric_drop") else DEFAULT_MAX_METRIC_DROP
+    drop = metric_drop(report)
+    if drop <= bound:
+        return None
+    name = report.compressed.metric_name
+    return (
+        f"test {name} went from {report.source.metric_value:.4f} to {report.compressed.metric_value:.4f} "
+        f"(a drop of {drop:.4f}), more than spec.max_metric_drop {bound:g}; nothing was registered"
+    )
+
+
+def measured_notes(report: spec_pb2.CompressionReport) -> list[str]:
+    """What the measurements say, so no note claims a speed-up the worker did not see."""
+    src, out = report.source, report.compressed
+    notes = []
+    if src.bytes_on_disk and out.bytes_on_disk:
+        notes.append(
+            f"measured: {src.bytes_on_disk / out.bytes_on_disk:.2f}x smaller on disk "
+            f"({src.bytes_on_disk:,} -> {out.bytes_on_disk:,} bytes)"
+        )
+    for batch, before, after in (
+        (1, src.latency_batch1_ms, out.latency_batch1_ms),
+        (32, src.latency_batch32_ms, out.latency_batch32_ms),
+    ):
+        if before > 0 and after > 0:
+            ratio = before / after
+            verdict = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+            notes.append(f"measured: {verdict} at batch {batch} ({before:.3f} -> {after:.3f} ms)")
+    if out.metric_name:
+        notes.append(
+            f"measured: test {out.metric_name} {src.metric_value:.4f} -> {out.metric_value:.4f} "
+            f"({out.metric_value - src.metric_value:+.4f})"
+        )
+    return notes

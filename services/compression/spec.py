@@ -102,6 +102,9 @@ def validate_fields(spec: spec_pb2.CompressionSpec) -> None:
         raise InvalidArgument("steps must list at least one step")
     for index, step in enumerate(spec.steps):
         validate_step(step, index, index == len(spec.steps) - 1)
+    # "not >= 0" also catches NaN.
+    if spec.HasField("max_metric_drop") and not spec.max_metric_drop >= 0:
+        raise InvalidArgument(f"max_metric_drop must be >= 0, got {spec.max_metric_drop:g}")
 
 
 def validate_applies(spec: spec_pb2.CompressionSpec, source: registry_pb2.ModelVersion) -> None:

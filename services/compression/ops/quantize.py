@@ -22,7 +22,8 @@ from common.models.mlp import MLP
 
 NOTES: dict[int, str] = {
     spec_pb2.QUANTIZATION_METHOD_INT8_DYNAMIC: (
-        "int8 dynamic: int8 weights with per-channel scales, int8 GEMMs on CPU (fast and ~4x smaller); "
+        "int8 dynamic: int8 weights with per-channel scales, int8 GEMMs on CPU (~4x smaller; faster for "
+        "large layers, slower for tiny ones, whose per-call quantization costs more than it saves); "
         "on CUDA it is served with dequantized fp32 weights (smaller on disk only)"
     ),
     spec_pb2.QUANTIZATION_METHOD_INT8_WEIGHT_ONLY: (

@@ -268,6 +268,7 @@ class CompressionSpec(_message.Message):
     DATASET_VERSION_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    MAX_METRIC_DROP_FIELD_NUMBER: _builtins.int
     source_model: _builtins.str
     """Source model in the registry."""
     source_version: _builtins.str
@@ -281,6 +282,13 @@ class CompressionSpec(_message.Message):
     dataset_version: _builtins.str
     device: _model_pb2.Device.ValueType
     seed: _builtins.int
+    max_metric_drop: _builtins.float
+    """Largest allowed drop of the task metric on the evaluation split, source to
+    compressed, absolute (accuracy 0.95 -> 0.93 is a drop of 0.02; for "mse" a
+    rise counts as a drop). Above it the job FAILS with both figures and
+    registers nothing. Unset: 0.05. Needs a dataset to measure on; set it very
+    large to accept any drop.
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompressionStep]:
         """Steps, applied in order."""
@@ -296,12 +304,15 @@ class CompressionSpec(_message.Message):
         dataset_version: _builtins.str = ...,
         device: _model_pb2.Device.ValueType = ...,
         seed: _builtins.int = ...,
+        max_metric_drop: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_metric_drop", b"_max_metric_drop", "max_metric_drop", b"max_metric_drop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_name", b"dataset_name", "dataset_version", b"dataset_version", "device", b"device", "seed", b"seed", "source_model", b"source_model", "source_version", b"source_version", "steps", b"steps", "target_model", b"target_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_metric_drop", b"_max_metric_drop", "dataset_name", b"dataset_name", "dataset_version", b"dataset_version", "device", b"device", "max_metric_drop", b"max_metric_drop", "seed", b"seed", "source_model", b"source_model", "source_version", b"source_version", "steps", b"steps", "target_model", b"target_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_metric_drop: _TypeAlias = _typing.Literal["max_metric_drop"]  # noqa: Y015
+    _WhichOneofArgType__max_metric_drop: _TypeAlias = _typing.Literal["_max_metric_drop", b"_max_metric_drop"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_metric_drop) -> _WhichOneofReturnType__max_metric_drop | None: ...
 
 Global___CompressionSpec: _TypeAlias = CompressionSpec  # noqa: Y015
 
