@@ -3,9 +3,11 @@ them in threads so the event loop stays free."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +23,8 @@ from services.data import batches, ingest, preprocess, sources, storage
 from services.data.table import build_table
 
 log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 _FORMATS = {
     data_pb2.DATA_FORMAT_CSV: "csv",
@@ -41,9 +45,12 @@ class UploadSpool:
             raise ResourceExhausted(
                 f"header.total_size_bytes {header.total_size_bytes} exceeds the upload limit of {limit} bytes"
             )
+        if header.sha256 and not _SHA256.fullmatch(header.sha256):
+            raise InvalidArgument("header.sha256 must be 64 lowercase hex digits")
         self.header = header
         self.limit = limit
         self.size = 0
+        self._digest = hashlib.sha256()
         self._dir = store.scratch_dir()
         self.path = self._dir / "upload"
         self._handle: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in close()
@@ -53,9 +60,22 @@ class UploadSpool:
         if self.size > self.limit:
             raise ResourceExhausted(f"upload exceeds the limit of {self.limit} bytes")
         self._handle.write(chunk)
+        self._digest.update(chunk)
 
     def finish(self) -> Path:
+        """The spooled file, once the bytes match what the header declared."""
         self._handle.close()
+        declared = self.header.total_size_bytes
+        if declared and declared != self.size:
+            raise InvalidArgument(
+                f"header.total_size_bytes is {declared} but {self.size} bytes arrived; nothing was stored"
+            )
+        digest = self._digest.hexdigest()
+        if self.header.sha256 and self.header.sha256 != digest:
+            raise InvalidArgument(
+                f"header.sha256 is {self.header.sha256} but the bytes received hash to {digest}; "
+                "nothing was stored"
+            )
         return self.path
 
     def close(self) -> None:
@@ -77,13 +97,19 @@ class DataService:
         finally:
             spool.close()
 
-    def ingest(self, spool: UploadSpool) -> data_pb2.DatasetVersion:
+    def ingest(
+        self, spool: UploadSpool, before_commit: Callable[[], None] | None = None
+    ) -> data_pb2.DatasetVersion:
+        """Parse and store a finished upload; ``before_commit`` runs right before the
+        version is registered and raises to store nothing (the client went away)."""
         header = spool.header
         raw, label = ingest.parse_upload(spool.finish(), header)
         table = build_table(raw, label, header.task)
         meta = storage.describe(table, header.name, header.description)
         meta.operations.append(f"upload({_FORMATS[header.format]})")
-        version = storage.save_version(self.store, self.catalog, meta, table, {"all": np.arange(table.rows)})
+        version = storage.save_version(
+            self.store, self.catalog, meta, table, {"all": np.arange(table.rows)}, before_commit
+        )
         log.info("dataset uploaded", extra={"dataset": version.name, "version": version.version})
         return version
 

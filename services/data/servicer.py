@@ -10,6 +10,7 @@ import grpc
 
 from common.api.modelfleet.data.v1 import data_pb2, data_pb2_grpc
 from common.errors import InvalidArgument
+from common.grpcserver.uploads import UploadGuard
 from services.data import batches
 from services.data.service import DataService
 
@@ -27,12 +28,13 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("the first UploadDatasetRequest must carry the header")
+        guard = UploadGuard()
         with self._service.upload_spool(first.header) as spool:
             async for message in request_iterator:
                 if message.WhichOneof("part") != "chunk":
                     raise InvalidArgument("only the first UploadDatasetRequest may carry a header")
                 await asyncio.to_thread(spool.write, message.chunk)
-            version = await asyncio.to_thread(self._service.ingest, spool)
+            version = await guard.finish(lambda: self._service.ingest(spool, guard.check))
         return data_pb2.UploadDatasetResponse(dataset=version)
 
     async def CreateDatasetFromSource(

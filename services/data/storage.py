@@ -4,6 +4,7 @@ the artifact store, metadata in the catalog) and reading one back."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -65,9 +66,11 @@ def save_version(
     meta: data_pb2.DatasetVersion,
     table: Table,
     splits: dict[str, np.ndarray],
+    before_commit: Callable[[], None] | None = None,
 ) -> data_pb2.DatasetVersion:
     """Write one shard pair per split (``splits`` maps a split name to its row
-    indices in ``table``) and register the version. If anything fails, the
+    indices in ``table``) and register the version. ``before_commit`` runs just
+    before the registration and may raise to abandon it. If anything fails, the
     shards written here that no other version uses are removed."""
     written: list[str] = []
     try:
@@ -81,6 +84,8 @@ def save_version(
                 written.append(labels)
             shards[split] = SplitShards(features=features, labels=labels)
         meta.size_bytes = sum(store.size(d) for d in written)
+        if before_commit is not None:
+            before_commit()
         return catalog.create(meta, shards)
     except BaseException:
         release(store, catalog, written)

@@ -19,6 +19,7 @@ import grpc
 from common.api.modelfleet.registry.v1 import registry_pb2, registry_pb2_grpc
 from common.artifacts import ArtifactStore
 from common.errors import InvalidArgument
+from common.grpcserver.uploads import UploadGuard
 from common.registry import ModelRegistry
 from services.registry.upload import ModelUpload, first_header
 
@@ -112,5 +113,10 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServiceServicer):
             # Also on client cancellation: the partial bytes must not linger.
             upload.abort()
             raise
-        version = await asyncio.to_thread(upload.commit)
+        guard = UploadGuard()
+        try:
+            version = await guard.finish(lambda: upload.commit(guard.check))
+        except asyncio.CancelledError:
+            upload.abort()  # idempotent: the bytes are dropped if commit had not taken them
+            raise
         return registry_pb2.UploadModelResponse(version=version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from types import TracebackType
 
 import torch
@@ -151,8 +152,9 @@ class ModelUpload:
             self._writer = None
             self._close(Cancelled("upload aborted"))
 
-    def commit(self) -> registry_pb2.ModelVersion:
-        """Publish the bytes, prove they load as the declared model, register."""
+    def commit(self, before_commit: Callable[[], None] | None = None) -> registry_pb2.ModelVersion:
+        """Publish the bytes, prove they load as the declared model, register.
+        ``before_commit`` runs just before the registration and may raise to abandon it."""
         writer = self._open()
         digest = writer.digest
         expected = self._header.sha256.lower()
@@ -166,6 +168,8 @@ class ModelUpload:
         candidate = candidate_version(self._header, ref)
         try:
             _check_loads(candidate, self._store)
+            if before_commit is not None:
+                before_commit()
             version = self._registry.register(candidate)
         except BaseException:
             if not shared and not _referenced(self._registry, digest):

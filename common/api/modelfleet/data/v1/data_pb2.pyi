@@ -413,6 +413,7 @@ class UploadDatasetHeader(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Dataset name: letters, digits, '.', '-', '_' (1-128 chars)."""
     format: Global___DataFormat.ValueType
@@ -423,7 +424,13 @@ class UploadDatasetHeader(_message.Message):
     task: Global___DatasetTask.ValueType
     description: _builtins.str
     total_size_bytes: _builtins.int
-    """Declared total size, checked against the server's limit up front; optional."""
+    """Declared total size, checked against the server's limit up front and
+    against the bytes received at the end (a mismatch stores nothing); optional.
+    """
+    sha256: _builtins.str
+    """sha256 of the whole upload, lowercase hex; checked when set (a mismatch
+    stores nothing).
+    """
     def __init__(
         self,
         *,
@@ -434,10 +441,11 @@ class UploadDatasetHeader(_message.Message):
         task: Global___DatasetTask.ValueType = ...,
         description: _builtins.str = ...,
         total_size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv_has_header", b"csv_has_header", "description", b"description", "format", b"format", "label_column", b"label_column", "name", b"name", "task", b"task", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv_has_header", b"csv_has_header", "description", b"description", "format", b"format", "label_column", b"label_column", "name", b"name", "sha256", b"sha256", "task", b"task", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
