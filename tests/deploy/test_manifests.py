@@ -419,3 +419,27 @@ def test_dockerignore_keeps_what_the_package_build_needs() -> None:
     for needed in ("pyproject.toml", project["readme"], "common", "services"):
         assert needed not in ignored, needed
     assert ".git" in ignored
+
+
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _memory_bytes(quantity: str) -> int:
+    for unit, factor in _MEMORY_UNITS.items():
+        if quantity.endswith(unit):
+            return int(float(quantity.removesuffix(unit)) * factor)
+    return int(quantity)
+
+
+def test_redis_maxmemory_below_container_limit_with_noeviction() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "deploy/k8s/base/redis.yaml").read_text()))
+    sts = next(d for d in docs if d and d["kind"] == "StatefulSet")
+    container = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "redis")
+    args = [str(a) for a in container["args"]]
+    assert "--maxmemory" in args, (
+        "redis must run with --maxmemory or it is OOM-killed instead of refusing writes"
+    )
+    maxmemory = int(args[args.index("--maxmemory") + 1])
+    limit = _memory_bytes(container["resources"]["limits"]["memory"])
+    assert 0 < maxmemory < limit
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
