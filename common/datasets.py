@@ -74,7 +74,7 @@ def _page_size(page_size: int) -> int:
 
 
 def _version_number(version: str, what: str = "version") -> int:
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise InvalidArgument(f"{what} {version!r} is not a version number (1, 2, ...)")
     return int(version)
 

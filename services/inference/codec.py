@@ -253,6 +253,24 @@ def response(
     )
 
 
+def empty_outputs(specs: Sequence[model_pb2.TensorSpec], wanted: list[int] | None) -> list[OutputTensor]:
+    """The answer to a request with 0 rows: every requested output with 0 rows.
+    A model that declares an output dimension as variable beyond the batch cannot
+    say its shape without running, so such a request is refused."""
+    chosen = range(len(specs)) if wanted is None else wanted
+    outs = []
+    for index in chosen:
+        spec = specs[index]
+        rest = list(spec.shape[1:])
+        if any(dim < 0 for dim in rest):
+            raise InvalidArgument(
+                f"a request with 0 rows cannot be answered: output {spec.name!r} has shape "
+                f"{list(spec.shape)}, whose other dimensions are known only from data"
+            )
+        outs.append(OutputTensor(spec.name, spec.datatype, (0, *rest), b""))
+    return outs
+
+
 def zeros_for(signature: Signature, rows: int) -> list[np.ndarray]:
     """Warm-up inputs: zeros, variable dims set to ``rows`` (first) or 1 (others)."""
     arrays = []

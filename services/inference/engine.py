@@ -28,7 +28,11 @@ class InferenceEngine:
         arrays, rows = signature.decode(request, self._reject_nan)
         outputs = signature.requested_outputs(request)
         priority, deadline_ns = _scheduling(request, time_remaining_s)
-        outs = await served.batcher.submit(arrays, rows, outputs, priority, deadline_ns)
+        if rows == 0 and signature.batchable:
+            # Nothing to compute, and nothing a batch could wait on: empty outputs now.
+            outs = codec.empty_outputs(served.model.outputs, outputs)
+        else:
+            outs = await served.batcher.submit(arrays, rows, outputs, priority, deadline_ns)
         return codec.response(request, served.name, served.version, outs)
 
 

@@ -210,7 +210,7 @@ class ModelRepository:
         async with self._lock(name):
             model = self._models.get(name)
             previous = model.pinned if model else ""
-            pin = str(int(version)) if version.isdigit() else version
+            pin = str(int(version)) if (version.isascii() and version.isdigit()) else version
             errors = await self._apply(name, pin, force=True)
             if errors:
                 if name in self._models:

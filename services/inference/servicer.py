@@ -144,6 +144,6 @@ def _version_param(parameters: object) -> str:
         if kind == "string_param"
         else None
     )
-    if value is None or not value.isdigit():
+    if value is None or not (value.isascii() and value.isdigit()):
         raise InvalidArgument("parameter 'version' must be a version number")
     return value

