@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -28,46 +29,36 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12)
 
 
-def connect(url: str, timeout_s: float | None = None) -> redis.Redis:
-    """A synchronous client that retries transient connection errors.
-
-    Without ``timeout_s`` (workers, background loops) it rides out a Redis restart
-    (about 10 s of retries). With it (servers answering RPCs) every command either
-    succeeds or raises within about ``timeout_s``: sockets time out after a quarter
-    of it and two quick retries follow, so a caller gets UNAVAILABLE in bounded time
-    instead of waiting out a restart.
-    """
+def _options(timeout_s: float | None) -> dict[str, Any]:
+    """Client options: without ``timeout_s`` (workers, background loops) a client
+    rides out a Redis restart (about 10 s of retries). With it (servers answering
+    RPCs) every command succeeds or raises within about ``timeout_s``: sockets time
+    out after a quarter of it and two quick retries follow, so a caller gets
+    UNAVAILABLE in bounded time instead of waiting out a restart."""
+    common: dict[str, Any] = {
+        "retry_on_error": list(_RETRY_ON),
+        "health_check_interval": 15,
+        "socket_keepalive": True,
+    }
     if timeout_s is None:
-        return redis.Redis.from_url(
-            url,
-            retry=_retry(),
-            retry_on_error=list(_RETRY_ON),
-            health_check_interval=15,
-            socket_connect_timeout=5,
-            socket_keepalive=True,
-        )
+        return {**common, "retry": _retry(), "socket_connect_timeout": 5}
     step = timeout_s / 4
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=step, base=0.05), retries=2),
-        retry_on_error=list(_RETRY_ON),
-        health_check_interval=15,
-        socket_connect_timeout=step,
-        socket_timeout=step,
-        socket_keepalive=True,
-    )
+    return {
+        **common,
+        "retry": Retry(ExponentialBackoff(cap=step, base=0.05), retries=2),
+        "socket_connect_timeout": step,
+        "socket_timeout": step,
+    }
+
+
+def connect(url: str, timeout_s: float | None = None) -> redis.Redis:
+    """A synchronous client that retries transient connection errors (see _options)."""
+    return redis.Redis.from_url(url, **_options(timeout_s))
 
 
 def connect_async(url: str) -> aioredis.Redis:
     """An asyncio client that retries transient connection errors."""
-    return aioredis.Redis.from_url(
-        url,
-        retry=_retry(),
-        retry_on_error=list(_RETRY_ON),
-        health_check_interval=15,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-    )
+    return aioredis.Redis.from_url(url, **_options(None))
 
 
 def wait_for_redis(client: redis.Redis, timeout_s: float = 10.0) -> None:

@@ -27,6 +27,7 @@ from common.datasets import DatasetCatalog
 from common.jobs import JobQueue
 from common.settings import Settings
 from services.training.submit import TrainingSubmitter
+from tests.jobs.test_faults import RedisServer
 from tests.training.conftest import add_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,3 +138,16 @@ def submit_tiny(
         spec=tiny_spec(model_name, epochs), max_attempts=max_attempts
     )
     return submitter.submit(request)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (AOF on) the test may stop and start."""
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = RedisServer(data)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

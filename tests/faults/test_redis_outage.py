@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -32,18 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 # with DEADLINE_EXCEEDED instead of blocking it.
 CALL_TIMEOUT_S = 15.0
 WAIT_S = 30.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    data = tmp_path / "redis"
-    data.mkdir()
-    server = RedisServer(data)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _status(channel: grpc.aio.Channel, service: str) -> int:

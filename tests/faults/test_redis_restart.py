@@ -3,9 +3,6 @@ and running: every job succeeds once, and datasets and models are all still ther
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2
@@ -22,18 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 JOBS = 3
 WAIT_S = 120.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    data = tmp_path / "redis"
-    data.mkdir()
-    server = RedisServer(data)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_jobs_datasets_and_models_survive_a_redis_restart(
