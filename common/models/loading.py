@@ -4,7 +4,8 @@ Nothing is ever unpickled: MLP weights are safetensors, TorchScript archives go
 through ``torch.jit.load`` (TorchScript's own restricted deserializer), and
 ``torch.export`` programs load with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` because
 ``torch.export.load`` silently retries ``torch.load(weights_only=False)`` when
-the safe load fails; the variable overrides that retry.
+the safe load fails; the variable overrides that retry. Programs are verified
+(``common.models.verify``) before anything runs them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore
 from common.errors import InvalidArgument
+from common.models import verify
 from common.models.mlp import MLP, build_model
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,9 @@ def load_model(version: registry_pb2.ModelVersion, store: ArtifactStore, device:
         if fmt == registry_pb2.MODEL_FORMAT_SAFETENSORS:
             module = _load_safetensors_mlp(version, path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_TORCHSCRIPT:
-            module = torch.jit.load(str(path), map_location=device).eval()
+            module = _load_torchscript(path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
-            module = _load_export(path, device)
+            module = _load_export(path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_COMPRESSED:
             from common.models.compressed import load_compressed  # optional format, imported on first use
 
@@ -90,7 +92,7 @@ def load_model(version: registry_pb2.ModelVersion, store: ArtifactStore, device:
         # unpickler refusing a pickle payload); report them as a bad model.
         log.warning("model artifact refused", extra={"model": version.model_name, "version": version.version})
         raise InvalidArgument(
-            f"{where}: artifact is not a loadable {registry_pb2.ModelFormat.Name(fmt)}: {_first_line(exc)}"
+            f"{where}: artifact is not a loadable {registry_pb2.ModelFormat.Name(fmt)}: {first_line(exc)}"
         ) from exc
     inputs, outputs = _specs(version, where)
     return LoadedModel(module=module, inputs=inputs, outputs=outputs, device=device)
@@ -113,10 +115,19 @@ def _load_safetensors_mlp(
     return model.to(device).eval()
 
 
-def _load_export(path: Path, device: torch.device) -> torch.nn.Module:
+def _load_torchscript(path: Path, device: torch.device, where: str) -> torch.nn.Module:
+    verify.check_torchscript_archive(path, where)  # loading runs a scripted __setstate__
+    module = torch.jit.load(str(path), map_location=device)
+    verify.check_torchscript_module(module, where)
+    return module.eval()
+
+
+def _load_export(path: Path, device: torch.device, where: str) -> torch.nn.Module:
+    verify.check_archive_entries(path, where)
     # Left set for the process: a serving process must never unpickle.
     os.environ[_WEIGHTS_ONLY_ENV] = "1"
     program = torch.export.load(str(path))
+    verify.check_exported_program(program, where)
     # An exported program has no train/eval mode: it was traced in the mode it serves in.
     module: torch.nn.Module = program.module()
     return module.to(device)
@@ -132,6 +143,6 @@ def _specs(
     raise InvalidArgument(f"{where}: the version declares no input/output tensor specs")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
