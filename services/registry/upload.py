@@ -18,11 +18,12 @@ import torch
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore, ArtifactWriter
-from common.errors import Cancelled, InvalidArgument, ModelfleetError
-from common.models.loading import load_model, mlp_tensor_specs
+from common.errors import Cancelled, FailedPrecondition, InvalidArgument, ModelfleetError
+from common.models.loading import LoadedModel, first_line, load_model, mlp_tensor_specs
 from common.models.mlp import is_normalized, validate_mlp
 from common.names import validate_name
 from common.registry import ModelRegistry
+from services.inference.codec import Signature, batch_tensor, output_array, outputs_of, zeros_for
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,14 @@ class ModelUpload:
 
 
 def _check_loads(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> None:
-    """Load the artifact on CPU; any failure means the bytes are not the declared model."""
+    """Load the artifact on CPU and run it once; any failure means the bytes are not
+    the declared model."""
     fmt = registry_pb2.ModelFormat.Name(candidate.format)
     probe = registry_pb2.ModelVersion()
     probe.CopyFrom(candidate)
     probe.version = "upload"  # names the candidate in load errors
     try:
-        load_model(probe, store, torch.device("cpu"))
+        _check_runs(load_model(probe, store, torch.device("cpu")), candidate.model_name)
     except ModelfleetError:
         raise
     except Exception as exc:
@@ -206,6 +208,34 @@ def _check_loads(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> 
         log.warning("uploaded artifact does not load", exc_info=True, extra={"model": candidate.model_name})
         raise InvalidArgument(
             f"uploaded artifact is not a loadable {fmt} model: {type(exc).__name__}"
+        ) from exc
+
+
+def _check_runs(loaded: LoadedModel, model: str) -> None:
+    """Run the module on zeros of its declared inputs (variable dims 1), so a model
+    that cannot serve its own signature is refused now, not at its first request."""
+    signature = Signature(model, loaded.inputs, loaded.outputs)
+    arrays = zeros_for(signature, 1)
+    shapes = ", ".join(
+        f"{spec.name} {list(a.shape)}" for spec, a in zip(signature.inputs, arrays, strict=True)
+    )
+    inputs = [
+        batch_tensor([a], spec.dtype, loaded.device) for a, spec in zip(arrays, signature.inputs, strict=True)
+    ]
+    try:
+        with torch.inference_mode():
+            outputs = outputs_of(loaded.module(*inputs), signature.outputs)
+        for name, tensor in zip(signature.outputs, outputs, strict=True):
+            output_array(name, tensor)
+            if signature.batchable and (tensor.ndim == 0 or tensor.shape[0] != 1):
+                raise FailedPrecondition(
+                    f"model output {name!r} has shape {list(tensor.shape)} for 1 input row"
+                )
+    except FailedPrecondition as exc:
+        raise InvalidArgument(f"uploaded model does not match its declared outputs: {exc}") from exc
+    except Exception as exc:  # the module is user code: any failure on its own signature is bad input
+        raise InvalidArgument(
+            f"uploaded model fails on zeros of its declared inputs ({shapes}): {first_line(exc)}"
         ) from exc
 
 

@@ -116,6 +116,38 @@ def test_wrong_architecture_fails_the_load(store: ArtifactStore, registry: Model
     assert stored_digests(store) == []
 
 
+def _spec(name: str, shape: list[int], datatype: str = "FP32") -> model_pb2.TensorSpec:
+    return model_pb2.TensorSpec(name=name, datatype=datatype, shape=shape)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "message"),
+    [
+        ([_spec("x", [-1, 5])], [_spec("y", [-1, 2])], r"fails on zeros of .* inputs \(x \[1, 5\]\)"),
+        ([_spec("x", [-1, 4], "INT64")], [_spec("y", [-1, 2])], r"fails on zeros of its declared inputs"),
+        ([_spec("x", [-1, 4])], [_spec("y", [-1, 2]), _spec("z", [-1, 2])], r"1 outputs but declares 2"),
+        ([_spec("x", [-1, 4]), _spec("w", [-1, 4])], [_spec("y", [-1, 2])], r"fails on zeros"),
+    ],
+    ids=["wrong-width", "wrong-dtype", "output-count", "input-count"],
+)
+def test_a_model_that_cannot_serve_its_declared_signature_is_refused(
+    store: ArtifactStore,
+    registry: ModelRegistry,
+    inputs: list[model_pb2.TensorSpec],
+    outputs: list[model_pb2.TensorSpec],
+    message: str,
+) -> None:
+    header = registry_pb2.UploadModelHeader(
+        name="ts", format=registry_pb2.MODEL_FORMAT_TORCHSCRIPT, inputs=inputs, outputs=outputs
+    )
+    with pytest.raises(InvalidArgument, match=message):
+        upload(header, torchscript_bytes(), store, registry)
+    with pytest.raises(NotFound):
+        registry.get_model("ts")
+    assert stored_digests(store) == []
+
+
 def test_failed_upload_keeps_shared_bytes(store: ArtifactStore, registry: ModelRegistry) -> None:
     data = mlp_bytes()
     good = upload(mlp_header(), data, store, registry)
