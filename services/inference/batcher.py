@@ -37,8 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
-from common.models.loading import LoadedModel
+from common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from common.models.loading import LoadedModel, first_line
 from services.inference.codec import (
     OutputTensor,
     Signature,
@@ -271,9 +277,7 @@ class Batcher:
             ]
             rows = sum(w.rows for w in batch)
             ready = time.perf_counter_ns()
-            result = self.model.module(*inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            result = self._forward(inputs, rows)
             inferred = time.perf_counter_ns()
             self._last_pass_ns, self._last_pass_rows = inferred - ready, rows
             self._merge_wait_ns = self._last_pass_ns // 2
@@ -300,9 +304,22 @@ class Batcher:
                 offset = end
             done = time.perf_counter_ns()
         except Exception as exc:
-            log.exception(
-                "batch failed", extra={"model": self.name, "version": self.version, "requests": len(batch)}
-            )
+            if len(batch) > 1:
+                # One request the model cannot take (an out-of-range token id, a
+                # shape it rejects) must not fail the requests batched with it.
+                log.warning(
+                    "batch failed; running its requests one by one",
+                    extra={"model": self.name, "version": self.version, "requests": len(batch)},
+                )
+                for work in batch:
+                    self._execute([work], deliver)
+                return
+            if isinstance(exc, InvalidArgument | ResourceExhausted):
+                log.info("request refused by the model", extra={"model": self.name, "version": self.version})
+            else:
+                log.exception(
+                    "batch failed", extra={"model": self.name, "version": self.version, "requests": 1}
+                )
             now = time.perf_counter_ns()
             for work in batch:
                 self.stats.record_failure(now - work.enqueued_ns)
@@ -319,6 +336,21 @@ class Batcher:
                 output_ns=done - inferred,
             )
         )
+
+    def _forward(self, inputs: list[torch.Tensor], rows: int) -> object:
+        """The module's result; its failures as the status the caller should see:
+        out of memory is RESOURCE_EXHAUSTED, anything else the model raised on a
+        request is INVALID_ARGUMENT (the upload proved it runs on its own signature)."""
+        where = f"model {self.name!r} version {self.version}"
+        try:
+            result = self.model.module(*inputs)
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            return result
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise ResourceExhausted(f"{where} ran out of memory on {rows} rows: {first_line(exc)}") from exc
+        except Exception as exc:
+            raise InvalidArgument(f"{where} cannot run this input: {first_line(exc)}") from exc
 
     def _deliver(self, results: list[tuple[asyncio.Future[list[OutputTensor]], Result]]) -> None:
         if not results:

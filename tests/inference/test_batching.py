@@ -13,6 +13,7 @@ import torch
 
 from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.api.modelfleet.common.v1 import model_pb2
+from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
 from common.errors import DeadlineExceeded, ResourceExhausted
 from common.models.loading import LoadedModel
@@ -20,7 +21,7 @@ from common.registry import ModelRegistry
 from services.inference.batcher import Batcher
 from services.inference.codec import Signature
 from services.inference.stats import VersionStats
-from tests.inference.conftest import register_mlp
+from tests.inference.conftest import register_file, register_mlp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -216,3 +217,54 @@ async def test_timeout_parameter_over_grpc(serve, registry: ModelRegistry, store
         assert isinstance(results[0], grpc.aio.AioRpcError)
         assert results[0].code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert all(isinstance(r, pb.ModelInferResponse) for r in results[1:])
+
+
+async def test_a_request_the_model_rejects_fails_alone(
+    serve, registry: ModelRegistry, store: ArtifactStore, tmp_path
+) -> None:
+    """A poison request batched with good ones: the good ones are answered, the
+    bad one gets INVALID_ARGUMENT naming the model's error (was INTERNAL for all)."""
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(10, 4).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        embed, (torch.zeros(2, 3, dtype=torch.int64),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(tmp_path / "embed.pt2"))
+    register_file(
+        registry,
+        store,
+        "m",
+        tmp_path / "embed.pt2",
+        registry_pb2.MODEL_FORMAT_TORCH_EXPORT,
+        [model_pb2.TensorSpec(name="tokens", datatype="INT64", shape=[-1, 3])],
+        [model_pb2.TensorSpec(name="vectors", datatype="FP32", shape=[-1, 3, 4])],
+    )
+
+    def tokens(ids: list[int]) -> pb.ModelInferRequest:
+        return pb.ModelInferRequest(
+            model_name="m",
+            inputs=[Tensor(name="tokens", datatype="INT64", shape=[1, 3])],
+            raw_input_contents=[np.array([ids], dtype="<i8").tobytes()],
+        )
+
+    good = [[1, 2, 3], [0, 0, 9], [4, 5, 6]]
+    async with serve(max_batch_size=4, max_queue_delay_us=60_000_000) as srv:
+        calls = [srv.stub.ModelInfer(tokens(ids)) for ids in good[:2]]
+        calls.append(srv.stub.ModelInfer(tokens([1, 99, 2])))  # 99 is past the vocabulary
+        calls.append(srv.stub.ModelInfer(tokens(good[2])))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        stats = (
+            await srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="m", version="1"))
+        ).model_stats[0]
+    poison = results.pop(2)
+    assert isinstance(poison, grpc.aio.AioRpcError)
+    assert poison.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot run this input" in (poison.details() or "") and "index" in (poison.details() or "")
+    for ids, response in zip(good, results, strict=True):
+        assert isinstance(response, pb.ModelInferResponse), response
+        got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(1, 3, 4)
+        with torch.no_grad():
+            np.testing.assert_array_equal(got, embed(torch.tensor([ids])).numpy())
+    # The four arrived as one batch; it failed and was rerun request by request.
+    assert stats.inference_stats.success.count == 3 and stats.inference_stats.fail.count == 1
