@@ -25,7 +25,7 @@ from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore
 from common.errors import InvalidArgument
 from common.models import verify
-from common.models.mlp import MLP, build_model
+from common.models.mlp import MLP, build_model, parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,15 @@ def _load_safetensors_mlp(
 ) -> torch.nn.Module:
     if version.architecture.WhichOneof("family") is None:
         raise InvalidArgument(f"{where}: SAFETENSORS models need an architecture")
+    if version.architecture.WhichOneof("family") == "mlp":
+        # Every weight is in the file (the load is strict), at least a byte each: an
+        # architecture promising more is refused before it is allocated.
+        count, size = parameter_count(version.architecture.mlp), path.stat().st_size
+        if count > size:
+            raise InvalidArgument(
+                f"{where}: the architecture has {count:,} parameters "
+                f"but the artifact holds only {size:,} bytes"
+            )
     norm = version.normalization if version.HasField("normalization") else None
     model = build_model(version.architecture, norm)
     state = load_file(str(path), device="cpu")

@@ -7,13 +7,14 @@ clients fix their files from these messages.
 from __future__ import annotations
 
 import csv
-import io
 import math
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+import numpy.lib.format as npformat
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -128,20 +129,45 @@ def _columns_for(array: np.ndarray, names: list[str]) -> list[RawColumn]:
     return [RawColumn(name, dtype) for name in names]
 
 
-def _load_npy(source: Path | io.BytesIO | zipfile.ZipExtFile, what: str) -> np.ndarray:
+def _load_npy(source: IO[bytes], what: str, size: int, max_bytes: int) -> np.ndarray:
+    """The array in ``source`` (``size`` bytes), after its header proves it numeric
+    and no larger than the bytes present and ``max_bytes``: numpy would otherwise
+    allocate what a 100-byte header declares before reading any data."""
     try:
-        return np.load(source, allow_pickle=False)
-    except ValueError as exc:
-        # allow_pickle=False refuses object arrays with a ValueError.
-        raise InvalidArgument(f"{what} is not a plain numeric .npy array: {exc}") from None
-    except (OSError, EOFError) as exc:
+        version = npformat.read_magic(source)
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(source)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npformat.read_array_header_2_0(source)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, EOFError, OSError) as exc:
         raise InvalidArgument(f"{what} is not a valid .npy file: {exc}") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise InvalidArgument(f"{what} has dtype {dtype}; only numeric arrays are accepted")
+    declared = math.prod(shape) * dtype.itemsize
+    present = size - source.tell()
+    if declared > max_bytes:
+        raise InvalidArgument(
+            f"{what} declares shape {list(shape)} ({declared} bytes), over the {max_bytes}-byte limit"
+        )
+    if declared != present:
+        raise InvalidArgument(
+            f"{what} declares shape {list(shape)} ({declared} bytes) but holds {present} bytes of data"
+        )
+    data = source.read(declared)
+    if len(data) != declared:
+        raise InvalidArgument(f"{what} ends after {len(data)} of its {declared} data bytes")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape))
+    return flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
 
 
-def parse_npy(path: Path, label_column: str) -> tuple[RawTable, str]:
+def parse_npy(path: Path, label_column: str, max_bytes: int) -> tuple[RawTable, str]:
     """A 2-D array; ``label_column`` is a column index as text (or empty).
     Returns the table and the label column's name."""
-    array = _numeric_2d(_load_npy(path, "the .npy upload"), "the .npy array")
+    with path.open("rb") as source:
+        array = _load_npy(source, "the .npy upload", path.stat().st_size, max_bytes)
+    array = _numeric_2d(array, "the .npy array")
     names = [f"c{i}" for i in range(array.shape[1])]
     label = ""
     if label_column:
@@ -159,20 +185,33 @@ def parse_npy(path: Path, label_column: str) -> tuple[RawTable, str]:
     return RawTable(columns=_columns_for(array, names), data=array.astype(np.float64)), label
 
 
-def parse_npz(path: Path) -> tuple[RawTable, str]:
-    """Arrays ``x`` (2-D) and optional ``y`` (1-D, one per row of x)."""
+def parse_npz(path: Path, max_bytes: int) -> tuple[RawTable, str]:
+    """Arrays ``x`` (2-D) and optional ``y`` (1-D, one per row of x). Members may
+    decompress to at most ``max_bytes`` in total (zip bombs are refused unread)."""
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            if len(members) != len(archive.infolist()):
+                raise InvalidArgument(".npz names an array twice")
+            if "x" not in members:
+                raise InvalidArgument(
+                    f".npz has no array 'x' (arrays: {', '.join(sorted(members)) or 'none'})"
+                )
+            wanted = [members[n] for n in ("x", "y") if n in members]
+            total = sum(info.file_size for info in wanted)
+            if total > max_bytes:
+                raise InvalidArgument(
+                    f".npz arrays decompress to {total} bytes, over the {max_bytes}-byte limit"
+                )
+            arrays = {}
+            for info in wanted:
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as member:
+                    arrays[name] = _load_npy(member, f".npz array {name!r}", info.file_size, max_bytes)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise InvalidArgument(f"the upload is not a valid .npz archive: {exc}") from None
-    with archive:
-        if "x" not in archive.files:
-            raise InvalidArgument(f".npz has no array 'x' (arrays: {', '.join(archive.files) or 'none'})")
-        try:
-            x = _numeric_2d(archive["x"], ".npz array 'x'")
-            y = archive["y"] if "y" in archive.files else None
-        except ValueError as exc:
-            raise InvalidArgument(f".npz holds an array that is not plain numeric: {exc}") from None
+    x = _numeric_2d(arrays["x"], ".npz array 'x'")
+    y = arrays.get("y")
     names = [f"c{i}" for i in range(x.shape[1])]
     columns = _columns_for(x, names)
     if y is None:
@@ -232,14 +271,15 @@ def _parquet_strings(name: str, values: pa.ChunkedArray, out: np.ndarray) -> Raw
     return RawColumn(name, "string", categories, first_text)
 
 
-def parse_upload(path: Path, header: data_pb2.UploadDatasetHeader) -> tuple[RawTable, str]:
-    """Parse by ``header.format``; returns the table and the label column's name."""
+def parse_upload(path: Path, header: data_pb2.UploadDatasetHeader, max_bytes: int) -> tuple[RawTable, str]:
+    """Parse by ``header.format``; returns the table and the label column's name.
+    ``max_bytes`` bounds what an array may decode to."""
     if header.format == data_pb2.DATA_FORMAT_CSV:
         return parse_csv(path, header.csv_has_header), header.label_column
     if header.format == data_pb2.DATA_FORMAT_NPY:
-        return parse_npy(path, header.label_column)
+        return parse_npy(path, header.label_column, max_bytes)
     if header.format == data_pb2.DATA_FORMAT_NPZ:
-        return parse_npz(path)
+        return parse_npz(path, max_bytes)
     if header.format == data_pb2.DATA_FORMAT_PARQUET:
         return parse_parquet(path), header.label_column
     raise InvalidArgument("header.format is required (CSV, NPY, NPZ or PARQUET)")

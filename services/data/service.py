@@ -103,7 +103,7 @@ class DataService:
         """Parse and store a finished upload; ``before_commit`` runs right before the
         version is registered and raises to store nothing (the client went away)."""
         header = spool.header
-        raw, label = ingest.parse_upload(spool.finish(), header)
+        raw, label = ingest.parse_upload(spool.finish(), header, self.max_upload_bytes)
         table = build_table(raw, label, header.task)
         meta = storage.describe(table, header.name, header.description)
         meta.operations.append(f"upload({_FORMATS[header.format]})")

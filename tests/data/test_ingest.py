@@ -74,32 +74,35 @@ def test_unknown_label_column_and_text_regression_label(tmp_path: Path) -> None:
         build_table(raw, "y", REG)
 
 
+LIMIT = 1 << 20
+
+
 def test_npy_label_by_index(tmp_path: Path) -> None:
     path = tmp_path / "a.npy"
     np.save(path, np.array([[1.0, 0, 2.0], [3.0, 1, 4.0]], dtype=np.float32))
-    raw, label = parse_npy(path, "1")
+    raw, label = parse_npy(path, "1", LIMIT)
     table = build_table(raw, label, CLS)
     assert [c.name for c in table.columns] == ["c0", "c2"] and table.class_names == ["0", "1"]
     with pytest.raises(InvalidArgument, match="out of range"):
-        parse_npy(path, "3")
+        parse_npy(path, "3", LIMIT)
     with pytest.raises(InvalidArgument, match="column index"):
-        parse_npy(path, "y")
+        parse_npy(path, "y", LIMIT)
 
 
 def test_npy_rejects_object_and_1d(tmp_path: Path) -> None:
     path = tmp_path / "o.npy"
     np.save(path, np.array([[1, "a"]], dtype=object), allow_pickle=True)
     with pytest.raises(InvalidArgument, match="numeric"):
-        parse_npy(path, "")
+        parse_npy(path, "", LIMIT)
     np.save(path, np.arange(3))
     with pytest.raises(InvalidArgument, match="2-D"):
-        parse_npy(path, "")
+        parse_npy(path, "", LIMIT)
 
 
 def test_npz_x_y_and_rejections(tmp_path: Path) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=np.ones((3, 2)), y=np.array([0.5, 1.5, 2.5]))
-    raw, label = parse_npz(path)
+    raw, label = parse_npz(path, LIMIT)
     table = build_table(raw, label, REG)
     assert (
         table.features.shape == (3, 2)
@@ -108,16 +111,16 @@ def test_npz_x_y_and_rejections(tmp_path: Path) -> None:
     )
     np.savez(path, x=np.ones((3, 2)), y=np.ones(2))
     with pytest.raises(InvalidArgument, match="'y' has 2 rows"):
-        parse_npz(path)
+        parse_npz(path, LIMIT)
     np.savez(path, z=np.ones((3, 2)))
     with pytest.raises(InvalidArgument, match="no array 'x'"):
-        parse_npz(path)
+        parse_npz(path, LIMIT)
     np.savez(path, x=np.array([["a"]], dtype=object))
-    with pytest.raises(InvalidArgument, match="not plain numeric"):
-        parse_npz(path)
+    with pytest.raises(InvalidArgument, match="only numeric arrays"):
+        parse_npz(path, LIMIT)
     path.write_bytes(io.BytesIO(b"not a zip").getvalue())
     with pytest.raises(InvalidArgument, match=r"not a valid \.npz"):
-        parse_npz(path)
+        parse_npz(path, LIMIT)
 
 
 def write_parquet(tmp_path: Path, table: pa.Table) -> Path:

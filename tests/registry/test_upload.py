@@ -171,3 +171,13 @@ def test_size_limit(store: ArtifactStore, registry: ModelRegistry) -> None:
         upload(mlp_header(), mlp_bytes(), store, registry, limit=150)
     assert stored_digests(store) == []
     assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_an_architecture_larger_than_its_weights_is_refused_before_allocation(
+    store: ArtifactStore, registry: ModelRegistry
+) -> None:
+    header = mlp_header()
+    header.architecture.mlp.hidden_sizes[:] = [1 << 30]  # 20 GiB of fp32 weights for a small file
+    with pytest.raises(InvalidArgument, match=r"parameters but the artifact holds only"):
+        upload(header, mlp_bytes(), store, registry)
+    assert stored_digests(store) == []
