@@ -8,7 +8,9 @@
   queued episode of a job (``job`` id, and ``pb``, the record as it was queued, so a worker can
   claim a fresh delivery without reading the record first), deleted once acknowledged.
 - ``<p>:jobs:delayed:<kind>`` sorted set: job ids waiting out a retry backoff, scored by due time.
-- ``<p>:jobs:request:<request_id>`` string: the job id an idempotency key created.
+- ``<p>:jobs:request:<sha256(kind, principal, request_id)>`` string: ``<job id> <fingerprint>``,
+  the job an idempotency key created and the sha256 of what was submitted with it. Keys are
+  per kind and per caller, so one client's key never returns another's job.
 - ``<p>:jobs:index`` and ``<p>:jobs:index:<kind>`` sorted sets (lexicographic, score 0) of
   ``<created_us>:<id>``: listing newest first with a stable cursor.
 - ``<p>:job:<id>:events`` stream of ``JobEvent`` bytes for watchers; expires after the job ends.
@@ -16,6 +18,8 @@
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2
 from common.errors import InvalidArgument
@@ -69,8 +73,9 @@ class JobKeys:
     def delayed(self, kind: int) -> str:
         return self._k("jobs", "delayed", kind_name(kind))
 
-    def request(self, request_id: str) -> str:
-        return self._k("jobs", "request", request_id)
+    def request(self, kind: int, principal: str, request_id: str) -> str:
+        scope = "\0".join((kind_name(kind), principal, request_id))
+        return self._k("jobs", "request", hashlib.sha256(scope.encode()).hexdigest())
 
     def kind_index(self, kind: int) -> str:
         return self._k("jobs", "index", kind_name(kind))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import uuid
@@ -12,7 +13,7 @@ import redis
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2
 from common.auth import current_principal
-from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from common.jobs.keys import GROUP, JobKeys, effective_priority, kind_name
 from common.jobs.records import TERMINAL, Batch, Fields, Transitions, decode, emit, now, save, state_name
 from common.settings import Settings
@@ -43,7 +44,7 @@ _SUBMIT = """
 if ARGV[1] == '1' then
   local existing = redis.call('GET', KEYS[1])
   if existing then return existing end
-  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[2] .. ' ' .. ARGV[9])
 end
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[3], ARGV[7], '0', 'MKSTREAM')
 local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[2], 'pb', ARGV[3])
@@ -54,6 +55,15 @@ redis.call('ZADD', KEYS[5], 0, ARGV[5])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'event', ARGV[6])
 return ARGV[2]
 """
+
+
+def _fingerprint(job: jobs_pb2.Job) -> str:
+    """What a retry with the same request_id must repeat: the spec and the submit options."""
+    submitted = jobs_pb2.Job(kind=job.kind, priority=job.priority, max_attempts=job.max_attempts)
+    spec = job.WhichOneof("spec")
+    if spec is not None:
+        getattr(submitted, spec).CopyFrom(getattr(job, spec))
+    return hashlib.sha256(submitted.SerializeToString(deterministic=True)).hexdigest()
 
 
 def check_job_id(job_id: str) -> str:
@@ -73,7 +83,8 @@ class JobQueue:
         self._submit = client.register_script(_SUBMIT)
 
     def submit(self, job: jobs_pb2.Job) -> jobs_pb2.Job:
-        """Store ``job`` as QUEUED and enqueue it; a known non-empty request_id returns that job."""
+        """Store ``job`` as QUEUED and enqueue it. A request_id this caller already used for
+        this kind returns that job when the spec and options match, else AlreadyExists."""
         kind_name(job.kind)
         spec = job.WhichOneof("spec")
         if spec != _SPEC_OF_KIND[job.kind]:
@@ -85,6 +96,7 @@ class JobQueue:
         if len(job.request_id) > _MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {_MAX_REQUEST_ID} characters")
         stream = self.keys.stream(job.kind, job.priority)
+        fingerprint = _fingerprint(job)
         record = jobs_pb2.Job()
         record.CopyFrom(job)
         stamp = now()
@@ -96,14 +108,15 @@ class JobQueue:
         for name in _SERVER_FIELDS:
             record.ClearField(name)
         # Set by the gRPC interceptor for this call; CancelJob checks it.
-        record.submitted_by = current_principal().name
+        principal = current_principal().name
+        record.submitted_by = principal
         record.created_at.CopyFrom(stamp)
         record.updated_at.CopyFrom(stamp)
         event = jobs_pb2.JobEvent(job_id=record.id, type=jobs_pb2.JOB_EVENT_TYPE_STATE, state=record.state)
         event.time.CopyFrom(stamp)
         created: Any = self._submit(
             keys=[
-                self.keys.request(job.request_id),
+                self.keys.request(job.kind, principal, job.request_id),
                 self.keys.job(record.id),
                 stream,
                 self.keys.index,
@@ -119,10 +132,16 @@ class JobQueue:
                 event.SerializeToString(),
                 GROUP,
                 1000,
+                fingerprint,
             ],
         )
-        job_id = created.decode()
+        job_id, _, seen = created.decode().partition(" ")
         if job_id != record.id:
+            if seen != fingerprint:
+                raise AlreadyExists(
+                    f"request_id {job.request_id!r} already created job {job_id} with a different "
+                    "spec, priority or max_attempts; use a new request_id for a new job"
+                )
             log.info("submit deduplicated", extra={"job_id": job_id, "request_id": job.request_id})
             return self.get(job_id)
         log.info("job queued", extra={"job_id": record.id, "kind": kind_name(record.kind)})

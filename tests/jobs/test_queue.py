@@ -9,7 +9,8 @@ import redis
 
 from common.api.modelfleet.compression.v1 import compression_spec_pb2
 from common.api.modelfleet.jobs.v1 import jobs_pb2
-from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from common.auth import Principal, Role, principal_var
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from common.jobs import JobQueue
 from common.jobs.keys import JobKeys
 from tests.jobs.helpers import training_job
@@ -62,6 +63,35 @@ def test_same_request_id_returns_the_same_job(queue: JobQueue, redis_client: red
     other = queue.submit(training_job(request_id="def"))
     assert again.id == first.id and other.id != first.id
     assert redis_client.xlen(queue.keys.stream(jobs_pb2.JOB_KIND_TRAINING, 0)) == 2
+
+
+def test_a_request_id_reused_for_a_different_submit_is_already_exists(queue: JobQueue) -> None:
+    first = queue.submit(training_job(request_id="abc"))
+    for changed in (
+        training_job("other spec", request_id="abc"),
+        training_job(priority=jobs_pb2.PRIORITY_HIGH, request_id="abc"),
+        training_job(max_attempts=7, request_id="abc"),
+    ):
+        with pytest.raises(AlreadyExists, match=f"request_id 'abc' already created job {first.id}"):
+            queue.submit(changed)
+    assert queue.submit(training_job(request_id="abc")).id == first.id
+
+
+def test_request_ids_are_scoped_to_the_caller_and_the_kind(queue: JobQueue) -> None:
+    mine = queue.submit(training_job(request_id="abc"))
+    token = principal_var.set(Principal("someone-else", Role.SUBMITTER))
+    try:
+        theirs = queue.submit(training_job(request_id="abc"))
+        assert theirs.id != mine.id and theirs.submitted_by == "someone-else"
+        assert queue.submit(training_job(request_id="abc")).id == theirs.id
+    finally:
+        principal_var.reset(token)
+    compression = jobs_pb2.Job(
+        kind=jobs_pb2.JOB_KIND_COMPRESSION,
+        request_id="abc",
+        compression=compression_spec_pb2.CompressionSpec(),
+    )
+    assert queue.submit(compression).id not in (mine.id, theirs.id)
 
 
 def test_concurrent_submits_with_one_request_id_create_one_job(

@@ -29,7 +29,10 @@ class SubmitCompressionJobRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key chosen by the client; optional."""
+    """Idempotency key chosen by the client; optional. Scoped to the caller and
+    the job kind. Reused with the same spec, priority and max_attempts it returns
+    the same job; with anything different, ALREADY_EXISTS naming that job.
+    """
     priority: _jobs_pb2.Priority.ValueType
     max_attempts: _builtins.int
     """Attempts before the job is dead-lettered (default 3)."""

@@ -30,7 +30,9 @@ class SubmitTrainingJobRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key chosen by the client; optional."""
+    """Idempotency key chosen by the client; optional. Scoped to the caller and
+    the job kind: another client's key never returns this client's job.
+    """
     priority: _jobs_pb2.Priority.ValueType
     max_attempts: _builtins.int
     """Attempts before the job is dead-lettered (default 3)."""

@@ -46,8 +46,9 @@ class TrainingServiceServicer:
 
     def SubmitTrainingJob(self, request, context):
         """Validate a spec and queue it. INVALID_ARGUMENT names the bad field;
-        NOT_FOUND if the dataset does not exist. The same request_id returns the
-        same job.
+        NOT_FOUND if the dataset does not exist. The same request_id from the same
+        caller with the same spec, priority and max_attempts returns the same job;
+        reused with anything different it is ALREADY_EXISTS naming that job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

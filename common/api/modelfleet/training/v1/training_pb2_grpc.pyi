@@ -36,8 +36,9 @@ class TrainingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TrainingServiceAsyncStub: ...
     SubmitTrainingJob: _grpc.UnaryUnaryMultiCallable[_training_pb2.SubmitTrainingJobRequest, _training_pb2.SubmitTrainingJobResponse]
     """Validate a spec and queue it. INVALID_ARGUMENT names the bad field;
-    NOT_FOUND if the dataset does not exist. The same request_id returns the
-    same job.
+    NOT_FOUND if the dataset does not exist. The same request_id from the same
+    caller with the same spec, priority and max_attempts returns the same job;
+    reused with anything different it is ALREADY_EXISTS naming that job.
     """
 
 @_typing.type_check_only
@@ -45,8 +46,9 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitTrainingJob: _aio.UnaryUnaryMultiCallable[_training_pb2.SubmitTrainingJobRequest, _training_pb2.SubmitTrainingJobResponse]  # type: ignore[assignment]
     """Validate a spec and queue it. INVALID_ARGUMENT names the bad field;
-    NOT_FOUND if the dataset does not exist. The same request_id returns the
-    same job.
+    NOT_FOUND if the dataset does not exist. The same request_id from the same
+    caller with the same spec, priority and max_attempts returns the same job;
+    reused with anything different it is ALREADY_EXISTS naming that job.
     """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -57,8 +59,9 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.SubmitTrainingJobResponse, _abc.Awaitable[_training_pb2.SubmitTrainingJobResponse]]:
         """Validate a spec and queue it. INVALID_ARGUMENT names the bad field;
-        NOT_FOUND if the dataset does not exist. The same request_id returns the
-        same job.
+        NOT_FOUND if the dataset does not exist. The same request_id from the same
+        caller with the same spec, priority and max_attempts returns the same job;
+        reused with anything different it is ALREADY_EXISTS naming that job.
         """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
