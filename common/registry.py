@@ -49,7 +49,7 @@ MAX_PAGE_SIZE = 1000
 HISTORY_LIMIT = 100
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-_NUMBER = re.compile(r"^[0-9]+$")
+_NUMBER = re.compile(r"^[0-9]{1,18}$")  # fits int64; longer digit runs are not version numbers
 _ALIAS_FIELD = "alias:"
 # Metrics where lower is better: a rise counts as a drop (see PromotionGuard).
 _LOWER_IS_BETTER = ("loss", "mse", "mae")

@@ -6,6 +6,7 @@ Messages name the field as ``steps[i].<step>.<field>``."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from common.api.modelfleet.common.v1 import model_pb2
@@ -37,8 +38,8 @@ def _unit_interval(value: float, where: str) -> None:
 def _training(epochs: int, learning_rate: float, batch_size: int, where: str) -> None:
     if epochs < 1:
         raise InvalidArgument(f"{where}.epochs must be >= 1, got {epochs}")
-    if not learning_rate > 0:
-        raise InvalidArgument(f"{where}.learning_rate must be > 0, got {learning_rate:g}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise InvalidArgument(f"{where}.learning_rate must be finite and > 0, got {learning_rate:g}")
     if batch_size < 1:
         raise InvalidArgument(f"{where}.batch_size must be >= 1, got {batch_size}")
 
@@ -59,8 +60,8 @@ def validate_step(step: spec_pb2.CompressionStep, index: int, last: bool) -> Non
             raise InvalidArgument(f"{where}.norm must be 1 or 2, got {step.structured_pruning.norm}")
     elif kind == "l1_constrained_finetune":
         c = step.l1_constrained_finetune
-        if not c.radius > 0:
-            raise InvalidArgument(f"{where}.radius must be > 0, got {c.radius:g}")
+        if not (c.radius > 0 and math.isfinite(c.radius)):
+            raise InvalidArgument(f"{where}.radius must be finite and > 0, got {c.radius:g}")
         _training(c.epochs, c.learning_rate, c.batch_size, where)
     elif kind == "finetune":
         f = step.finetune
@@ -69,7 +70,7 @@ def validate_step(step: spec_pb2.CompressionStep, index: int, last: bool) -> Non
             raise InvalidArgument(
                 f"{where}.distillation_weight must be in [0, 1], got {f.distillation_weight:g}"
             )
-        if f.temperature < 0:
+        if not (f.temperature >= 0 and math.isfinite(f.temperature)):
             raise InvalidArgument(f"{where}.temperature must be > 0 (0 means 2), got {f.temperature:g}")
     else:
         q = step.quantization
@@ -103,7 +104,9 @@ def validate_fields(spec: spec_pb2.CompressionSpec) -> None:
     for index, step in enumerate(spec.steps):
         validate_step(step, index, index == len(spec.steps) - 1)
     # "not >= 0" also catches NaN.
-    if spec.HasField("max_metric_drop") and not spec.max_metric_drop >= 0:
+    if spec.HasField("max_metric_drop") and not (
+        spec.max_metric_drop >= 0 and math.isfinite(spec.max_metric_drop)
+    ):
         raise InvalidArgument(f"max_metric_drop must be >= 0, got {spec.max_metric_drop:g}")
 
 

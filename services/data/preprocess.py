@@ -140,6 +140,8 @@ def split_rows(table: Table, spec: data_pb2.SplitSpec) -> dict[str, np.ndarray]:
         if spec.stratify:
             raise InvalidArgument("split.stratify needs a val_fraction or test_fraction")
         return {"all": np.arange(n)}
+    if spec.seed < 0:
+        raise InvalidArgument(f"split.seed must be >= 0, not {spec.seed}")
     rng = np.random.default_rng(spec.seed)
     groups = [np.arange(n)]
     if spec.stratify:

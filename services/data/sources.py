@@ -3,6 +3,7 @@ sets (shipped inside the package, so nothing is downloaded)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +35,10 @@ def synthetic_regression(spec: data_pb2.SyntheticRegression, max_bytes: int) -> 
     n = spec.n_samples or DEFAULT_SAMPLES
     d = spec.n_features or DEFAULT_FEATURES
     noise = spec.noise or DEFAULT_NOISE
-    if n < 0 or d < 0 or noise < 0:
-        raise InvalidArgument("synthetic: n_samples, n_features and noise must be >= 0")
+    if n < 0 or d < 0 or not (noise >= 0 and math.isfinite(noise)):
+        raise InvalidArgument("synthetic: n_samples, n_features and noise must be >= 0 (noise finite)")
+    if spec.seed < 0:
+        raise InvalidArgument(f"synthetic.seed must be >= 0, not {spec.seed}")
     if n * d * 4 > max_bytes:
         raise ResourceExhausted(
             f"synthetic: {n} x {d} float32 features exceed the limit of {max_bytes} bytes"

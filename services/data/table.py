@@ -114,6 +114,10 @@ def build_table(raw: RawTable, label_column: str, task: data_pb2.DatasetTask.Val
             class_names = []
             label = data_pb2.Column(name=col.name, dtype="float32", role=data_pb2.COLUMN_ROLE_LABEL)
         raw.columns = [c for i, c in enumerate(raw.columns) if i != idx]
+    if features.shape[1] == 0:
+        raise InvalidArgument(
+            f"dataset has no feature columns (columns: {', '.join(names)}); a model needs at least one input"
+        )
     columns = [
         data_pb2.Column(
             name=c.name, dtype=c.dtype, role=data_pb2.COLUMN_ROLE_FEATURE, categories=c.categories
