@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.jobs.attempts import Attempt, AttemptStore
 from common.jobs.context import JobContext, JobOutcome
-from common.jobs.errors import JobCancelledError, PermanentJobError
+from common.jobs.errors import JobCancelledError, PermanentJobError, is_deterministic
 from common.jobs.keys import GROUP, kind_name
 from common.jobs.monitor import AttemptMonitor
 from common.jobs.queue import JobQueue
@@ -153,7 +153,11 @@ class Worker:
             except Exception as exc:
                 log.exception("job attempt failed")
                 error = f"{type(exc).__name__}: {exc}"
-                if self._settle(lambda: self.store.fail(attempt, error, permanent=False)):
+                permanent = is_deterministic(exc)
+                if (
+                    self._settle(lambda: self.store.fail(attempt, error, permanent=permanent))
+                    and not permanent
+                ):
                     self._next_due = 0.0  # its backoff may be shorter than our next wake-up
             else:
                 recorded = self._settle(

@@ -23,7 +23,7 @@ from common.models.mlp import MLP, build_model, check_parameter_budget, is_norma
 from common.registry import ModelRegistry
 from common.settings import Settings
 from services.training.checkpoint import CheckpointDir, checkpoint_dir
-from services.training.launcher import TrainingCancelledError, launch
+from services.training.launcher import RankFailedError, TrainingCancelledError, launch
 from services.training.objective import evaluate_sums, loss_fn, metrics_from_sums
 from services.training.spec import resolve_spec
 from services.training.trainer import RankJob
@@ -89,6 +89,10 @@ class TrainingHandler:
             summary = launch(
                 rank_job, spec.world_size, on_epoch=on_epoch, on_log=ctx.log, cancelled=ctx.cancelled
             )
+        except RankFailedError as exc:
+            if exc.permanent:
+                raise PermanentJobError(str(exc)) from exc
+            raise
         except TrainingCancelledError as exc:
             # Only a real cancel drops the checkpoints; if another worker took the
             # job over (lease lost), it resumes from them.

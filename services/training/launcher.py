@@ -31,7 +31,12 @@ EXIT_GRACE_S = 30.0
 
 
 class RankFailedError(RuntimeError):
-    """A rank died or reported an error; the attempt may be retried."""
+    """A rank died or reported an error; retried unless ``permanent`` (the rank's
+    error would recur on any attempt: bad input, an allocation that cannot fit)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class TrainingCancelledError(RuntimeError):
@@ -70,6 +75,7 @@ def launch(
     ]
     summary: TrainSummary | None = None
     failure = ""
+    permanent = False
     was_cancelled = False
     try:
         for proc in procs:
@@ -87,8 +93,9 @@ def launch(
                 summary = TrainSummary(**payload)
             elif kind == "cancelled":
                 was_cancelled = True
-            elif kind == "error":
-                failure = failure or f"rank {payload['rank']}: {payload['message']}"
+            elif kind == "error" and not failure:
+                failure = f"rank {payload['rank']}: {payload['message']}"
+                permanent = bool(payload.get("permanent"))
             if not stop.is_set() and cancelled():
                 log.info("cancel requested; stopping ranks")
                 was_cancelled = True
@@ -106,7 +113,7 @@ def launch(
     if was_cancelled:
         raise TrainingCancelledError("training cancelled")
     if failure or summary is None:
-        raise RankFailedError(failure or "ranks exited without a result")
+        raise RankFailedError(failure or "ranks exited without a result", permanent)
     return summary
 
 

@@ -34,6 +34,7 @@ from common.api.modelfleet.data.v1 import data_pb2
 from common.api.modelfleet.training.v1 import training_spec_pb2 as ts
 from common.artifacts import ArtifactStore
 from common.datasets import DatasetRecord, SplitShards, load_split
+from common.jobs.errors import is_deterministic
 from common.logging import job_id_var, setup_logging
 from common.models.mlp import MLP
 from services.training.checkpoint import CheckpointDir, TrainState
@@ -90,7 +91,8 @@ def run_rank(rank: int, job: RankJob, events: Any, stop: Any) -> None:
         _Rank(rank, job, events, stop).run()
     except Exception as exc:
         log.exception("rank %d failed", rank)
-        events.put(("error", {"rank": rank, "message": f"{type(exc).__name__}: {exc}"}))
+        message = f"{type(exc).__name__}: {exc}"
+        events.put(("error", {"rank": rank, "message": message, "permanent": is_deterministic(exc)}))
         raise SystemExit(1) from exc
 
 

@@ -8,11 +8,14 @@ from typing import Any
 
 import pytest
 import redis
+import torch
 
 from common.api.modelfleet.compression.v1 import compression_spec_pb2
 from common.api.modelfleet.jobs.v1 import jobs_pb2
+from common.errors import DataLoss, InvalidArgument, NotFound
 from common.jobs import JobCancelledError, JobContext, JobOutcome, JobQueue, PermanentJobError, Worker
 from common.jobs.attempts import AttemptStore
+from common.jobs.errors import is_deterministic
 from common.jobs.keys import GROUP
 from common.logging import job_id_var
 from tests.jobs.helpers import ok_handler, outcome, training_job, wait_for
@@ -135,6 +138,33 @@ def test_permanent_error_fails_without_retry(queue: JobQueue, redis_client: redi
     assert done.state == S.JOB_STATE_FAILED and done.attempts == 1
     assert done.last_error == "dataset 'd' not found"
     assert redis_client.xlen(queue.keys.dead) == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidArgument("spec.x is bad"),
+        NotFound("dataset 'd' not found"),
+        DataLoss("shard corrupt"),
+        MemoryError(),
+    ],
+    ids=["invalid", "not-found", "data-loss", "memory"],
+)
+def test_deterministic_errors_fail_without_retry(queue: JobQueue, error: Exception) -> None:
+    """What would recur on every attempt is final, whichever code raised it."""
+
+    def handler(ctx: JobContext) -> JobOutcome:
+        raise error
+
+    job = queue.submit(training_job(max_attempts=5))
+    done = drain(Worker(queue, TRAINING, handler), queue, job.id)
+    assert done.state == S.JOB_STATE_FAILED and done.attempts == 1
+    assert done.last_error.startswith(type(error).__name__)
+
+
+def test_torch_out_of_memory_is_deterministic() -> None:
+    assert is_deterministic(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_deterministic(RuntimeError("NCCL timeout")) and not is_deterministic(ConnectionError())
 
 
 def test_cancelled_queued_job_never_runs(queue: JobQueue) -> None:
