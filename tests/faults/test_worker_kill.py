@@ -17,12 +17,14 @@ from common.registry import ModelRegistry
 from common.settings import Settings
 from tests.faults.conftest import TERMINAL, Fleet, kill_group, make_dataset, submit_tiny, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 JOBS = 20
 WORKERS = 2
 MAX_KILLS = 6
-WAIT_S = 180.0
+# The loop gives up only when no job has moved for this long (a hang, not a slow machine);
+# what it asserts is the outcome, never how long it took.
+STALL_S = 240.0
 # Jobs tried until one SIGKILL lands between registration and the recorded success.
 WINDOW_TRIES = 3
 
@@ -42,13 +44,18 @@ def test_sigkilled_workers_lose_no_job_and_finish_none_twice(
     workers = [fleet.worker() for _ in range(WORKERS)]
 
     kills = whole_groups = jobs_hit = 0
-    deadline = time.monotonic() + WAIT_S
     next_kill = time.monotonic() + rng.uniform(2.0, 6.0)
+    seen: list[tuple[int, int]] = []
+    moved = time.monotonic()
     while True:
         jobs = [queue.get(i) for i in ids]
         if all(j.state in TERMINAL for j in jobs):
             break
-        assert time.monotonic() < deadline, [jobs_pb2.JobState.Name(j.state) for j in jobs]
+        progress = [(int(j.state), j.attempts) for j in jobs]
+        if progress != seen:
+            seen, moved = progress, time.monotonic()
+        elif time.monotonic() - moved > STALL_S:
+            break  # the outcome assertions below name the jobs that never finished
         busy = [w for w in workers if held_by(jobs, w)]
         if kills < MAX_KILLS and busy and time.monotonic() >= next_kill:
             victim = rng.choice(busy)
@@ -105,12 +112,12 @@ def test_worker_killed_between_registering_and_recording_success_registers_once(
             tries += 1
             worker = fleet.worker()
             job_id = submit_tiny(redis_client, fault_settings, f"window-{tries}").id
-            wait_until(lambda: announced(events), WAIT_S, "the model version to be registered")
+            wait_until(lambda: announced(events), STALL_S, "the model version to be registered")
             kill_group(worker, signal.SIGKILL)
             worker.wait(timeout=30)
             landed = int(queue.get(job_id).state == jobs_pb2.JOB_STATE_RUNNING)
             fleet.worker()
-            wait_until(lambda: queue.get(job_id).state in TERMINAL, WAIT_S, "the rerun")  # noqa: B023
+            wait_until(lambda: queue.get(job_id).state in TERMINAL, STALL_S, "the rerun")  # noqa: B023
             job = queue.get(job_id)
             versions, _ = registry.list_versions(job.training.model_name)
             print(
