@@ -119,6 +119,8 @@ class Fleet:
             ports.append(("metrics", self.settings.metrics_port))
         for name, port in ports:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                # As the servers bind: a port left in TIME-WAIT by a restart is free.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind((self.settings.host, port))
                 except OSError:

@@ -13,6 +13,8 @@ import numpy as np
 
 from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from common.api.modelfleet.registry.v1 import registry_pb2, registry_pb2_grpc
+from common.datatypes import NUMPY
 from common.errors import InvalidArgument
 from common.settings import Settings
 from services.cli.client import add_output, add_target, call_metadata, open_channel, print_json, print_table
@@ -40,8 +42,11 @@ def _load(args: argparse.Namespace) -> np.ndarray:
     else:
         try:
             array = np.asarray(json.loads(args.json))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidArgument(f"--json is not a numeric JSON array: {exc}") from None
+    if array.dtype.kind not in "biuf":
+        source = "--json" if args.input is None else f"--input {args.input}"
+        raise InvalidArgument(f"{source} must hold numbers only, not {array.dtype} values")
     return array.reshape(1, -1) if array.ndim == 1 else array
 
 
@@ -73,6 +78,7 @@ def _infer(args: argparse.Namespace) -> int:
                 raw_input_contents=[data],
             )
             response = stub.ModelInfer(request, metadata=metadata)
+            class_names = _class_names(channel, args.model, response.model_version, metadata)
         except grpc.RpcError as exc:
             print(f"modelfleet: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -80,28 +86,51 @@ def _infer(args: argparse.Namespace) -> int:
         o.name: _decode(raw, o.datatype, tuple(o.shape))
         for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
+    predicted = _predicted(outputs, class_names)
     if args.output == "json":
-        print_json(
-            {
-                "model": response.model_name,
-                "version": response.model_version,
-                "id": response.id,
-                "outputs": {name: value.tolist() for name, value in outputs.items()},
-            }
-        )
+        report: dict[str, object] = {
+            "model": response.model_name,
+            "version": response.model_version,
+            "id": response.id,
+            "outputs": {name: value.tolist() for name, value in outputs.items()},
+        }
+        if predicted is not None:
+            report["predicted"] = predicted
+        print_json(report)
     else:
         print(f"model {response.model_name} version {response.model_version}")
         print_table(
             ("output", "shape", "values"), [(n, list(v.shape), v.tolist()) for n, v in outputs.items()]
         )
+        if predicted is not None:
+            print(f"predicted: {', '.join(predicted)}")
     return 0
 
 
-def _datatypes() -> dict[str, np.dtype]:
-    # Imported here: the codec pulls in torch, which every other command can do without.
-    from services.inference.codec import DTYPES
+def _class_names(
+    channel: grpc.Channel, model: str, version: str, metadata: list[tuple[str, str]]
+) -> list[str]:
+    """The version's class names from the registry (served with inference), if it has any."""
+    stub = registry_pb2_grpc.ModelRegistryServiceStub(channel)
+    try:
+        reply = stub.GetModelVersion(
+            registry_pb2.GetModelVersionRequest(name=model, version=version), metadata=metadata
+        )
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED):
+            return []  # names are a convenience; the scores are the answer
+        raise
+    return list(reply.version.class_names)
 
-    return {name: np.dtype(d.numpy) for name, d in DTYPES.items()}
+
+def _predicted(outputs: dict[str, np.ndarray], class_names: list[str]) -> list[str] | None:
+    """Each row's most likely class name, when the one output is [rows, classes] scores."""
+    if len(outputs) != 1 or not class_names:
+        return None
+    (scores,) = outputs.values()
+    if scores.ndim != 2 or scores.shape[1] != len(class_names):
+        return None
+    return [class_names[i] for i in scores.argmax(axis=1)]
 
 
 def _encode(array: np.ndarray, datatype: str) -> bytes:
@@ -110,7 +139,7 @@ def _encode(array: np.ndarray, datatype: str) -> bytes:
         bits = np.ascontiguousarray(array, np.float32).view(np.uint32).astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return rounded.astype("<u2").tobytes()
-    dtype = _datatypes().get(datatype)
+    dtype = NUMPY.get(datatype)
     if dtype is None:
         raise InvalidArgument(f"model input has datatype {datatype}, which infer cannot send")
     return array.astype(dtype).tobytes()
@@ -120,4 +149,7 @@ def _decode(raw: bytes, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     if datatype == "BF16":
         halves = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
         return halves.view(np.float32).reshape(shape)
-    return np.frombuffer(raw, dtype=_datatypes()[datatype]).reshape(shape)
+    dtype = NUMPY.get(datatype)
+    if dtype is None:
+        raise InvalidArgument(f"the server answered datatype {datatype}, which infer cannot read")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -1,8 +1,9 @@
 """``modelfleet jobs list|show|watch|cancel``: the JobService from the command line.
 
 ``jobs watch`` prints one progress line per event (JSON lines with ``--output json``) and
-exits with the job's outcome: 0 SUCCEEDED, 1 FAILED, 2 CANCELLED, 3 if the call failed or
-the stream broke off before the job finished (unknown job, server gone, network error).
+exits with the job's outcome: 0 SUCCEEDED, 1 FAILED, 2 CANCELLED, 3 if the stream broke
+off before the job finished (server gone, network error), 4 if the server refused the
+watch (unknown job, bad id, no permission): retrying a 4 cannot help.
 The other actions exit 1 on a server error. Errors are one line on stderr.
 """
 
@@ -30,6 +31,15 @@ from services.cli.progress import state_name, watch_job
 
 EXIT_CODES = {jobs_pb2.JOB_STATE_SUCCEEDED: 0, jobs_pb2.JOB_STATE_FAILED: 1, jobs_pb2.JOB_STATE_CANCELLED: 2}
 EXIT_BROKEN = 3
+EXIT_REFUSED = 4
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
 _KINDS = {"training": jobs_pb2.JOB_KIND_TRAINING, "compression": jobs_pb2.JOB_KIND_COMPRESSION}
 _STATES = {
     name.removeprefix("JOB_STATE_").lower(): value for name, value in jobs_pb2.JobState.items() if value
@@ -52,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(handler=_show)
 
     watch = commands.add_parser(
-        "watch", help="follow a job; exit 0 SUCCEEDED, 1 FAILED, 2 CANCELLED, 3 stream broke off"
+        "watch",
+        help="follow a job; exit 0 SUCCEEDED, 1 FAILED, 2 CANCELLED, 3 stream broke off, 4 unknown job",
     )
     watch.add_argument("job_id")
     watch.add_argument("--from-beginning", action="store_true", help="replay past events first")
@@ -143,7 +154,7 @@ def _watch(args: argparse.Namespace) -> int:
             job = watch_job(stub, request, call_metadata(settings), sys.stdout, as_json=args.output == "json")
         except grpc.RpcError as exc:
             _report(exc)
-            return EXIT_BROKEN
+            return EXIT_REFUSED if exc.code() in _REFUSALS else EXIT_BROKEN
     return EXIT_CODES.get(job.state, EXIT_BROKEN)
 
 

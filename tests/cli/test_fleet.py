@@ -245,7 +245,7 @@ def test_exit_codes_and_one_line_errors(fleet_cli: FleetCli) -> None:
     unknown = "0" * 32
     cases = [
         (("jobs", "show", unknown), 1, "NOT_FOUND"),
-        (("jobs", "watch", unknown), 3, "NOT_FOUND"),
+        (("jobs", "watch", unknown), 4, "NOT_FOUND"),
         (("jobs", "cancel", unknown), 1, "NOT_FOUND"),
         (("models", "show", "no-such-model"), 1, "NOT_FOUND"),
     ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
 from common.registry import ModelRegistry
 from services.cli.main import main
@@ -46,3 +49,36 @@ async def test_infer_command(
         )
         assert code == 1
         assert "NOT_FOUND" in capsys.readouterr().err
+
+
+async def test_infer_names_the_predicted_class_and_refuses_bad_json(
+    serve, registry: ModelRegistry, store: ArtifactStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version, model = register_mlp(registry, store, "iris")
+    named = registry_pb2.ModelVersion()
+    named.CopyFrom(version)
+    named.ClearField("version")
+    named.class_names[:] = ["setosa", "versicolor", "virginica"]
+    registry.register(named)
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = [named.class_names[i] for i in model(torch.from_numpy(x)).argmax(dim=1).tolist()]
+    async with serve() as srv:
+        args = ["infer", "iris", "--json", json.dumps(x.tolist()), "--target", srv.address]
+        assert await asyncio.to_thread(main, [*args, "-o", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["predicted"] == expected
+        assert await asyncio.to_thread(main, args) == 0
+        assert f"predicted: {', '.join(expected)}" in capsys.readouterr().out
+        for bad in ('[["a", "b", "c", "d"]]', "[[1, 2], [3]]", "{", '{"x": 1}', "[" * 100_000):
+            code = await asyncio.to_thread(main, ["infer", "iris", "--json", bad, "--target", srv.address])
+            captured = capsys.readouterr()
+            assert code == 2 and "--json" in captured.err and "Traceback" not in captured.err, captured.err
+
+
+def test_infer_encodes_without_importing_torch() -> None:
+    probe = (
+        "import sys, numpy as np; from services.cli import infer; "
+        "infer._encode(np.ones((1, 4)), 'FP32'); infer._decode(b'\\0' * 8, 'FP32', (1, 2)); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)

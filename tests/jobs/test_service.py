@@ -144,4 +144,5 @@ async def test_cli_list_show_cancel_and_watch_exit_codes(
     assert await asyncio.to_thread(cli, "watch", doomed.id) == 2
     assert await asyncio.to_thread(cli, "cancel", doomed.id) == 1
     assert "FAILED_PRECONDITION: job " in capsys.readouterr().err
-    assert await asyncio.to_thread(cli, "watch", "0" * 32) == 3
+    assert await asyncio.to_thread(cli, "watch", "0" * 32) == 4  # refused: retrying cannot help
+    assert await asyncio.to_thread(cli, "watch", "not-a-job") == 4
