@@ -28,6 +28,7 @@ from services.cli.client import (
     to_dict,
 )
 from services.cli.progress import state_name, watch_job
+from services.cli.report import print_compression_report
 
 EXIT_CODES = {jobs_pb2.JOB_STATE_SUCCEEDED: 0, jobs_pb2.JOB_STATE_FAILED: 1, jobs_pb2.JOB_STATE_CANCELLED: 2}
 EXIT_BROKEN = 3
@@ -143,6 +144,9 @@ def _show(args: argparse.Namespace) -> int:
         *((f"metric {k}", f"{v:.6g}") for k, v in sorted(job.metrics.items())),
     ]
     print_table(("field", "value"), rows)
+    if job.HasField("compression_report"):
+        print()
+        print_compression_report(job.compression_report)
     return 0
 
 

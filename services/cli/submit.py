@@ -23,6 +23,7 @@ from common.settings import Settings
 from services.cli import jobfile
 from services.cli.client import add_output, call_metadata, connect, print_json, print_table, to_dict
 from services.cli.progress import state_name, watch_job
+from services.cli.report import print_compression_report
 
 EXIT_REFUSED_OR_FAILED = 1
 EXIT_INVALID = 2
@@ -164,3 +165,7 @@ def _print_jobs(records: list[jobs_pb2.Job], jobs: list[jobfile.Job], output: st
         for job, spec in zip(records, jobs, strict=True)
     ]
     print_table(("id", "kind", "line", "state", "result", "error"), rows)
+    for job in records:
+        if job.HasField("compression_report"):
+            print(f"\n{job.id} compression report:")
+            print_compression_report(job.compression_report)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
 from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from common.grpcserver import ServiceHost
 from common.jobs import JobContext, JobOutcome, JobQueue, Worker
@@ -146,3 +147,42 @@ async def test_cli_list_show_cancel_and_watch_exit_codes(
     assert "FAILED_PRECONDITION: job " in capsys.readouterr().err
     assert await asyncio.to_thread(cli, "watch", "0" * 32) == 4  # refused: retrying cannot help
     assert await asyncio.to_thread(cli, "watch", "not-a-job") == 4
+
+
+async def test_cli_show_prints_the_compression_report_as_a_table(
+    server: str, queue: JobQueue, capsys: pytest.CaptureFixture[str]
+) -> None:
+    measured = spec_pb2.CompressionReport(
+        source=spec_pb2.ModelMeasurements(
+            parameters=1000,
+            nonzero_parameters=1000,
+            bytes_on_disk=4000,
+            latency_batch1_ms=0.2,
+            latency_batch32_ms=0.8,
+            metric_name="accuracy",
+            metric_value=0.95,
+        ),
+        compressed=spec_pb2.ModelMeasurements(
+            parameters=1000,
+            nonzero_parameters=200,
+            bytes_on_disk=1000,
+            latency_batch1_ms=0.4,
+            latency_batch32_ms=0.4,
+            metric_name="accuracy",
+            metric_value=0.93,
+        ),
+        notes=["measured: slower at batch 1 (0.200 -> 0.400 ms)"],
+    )
+
+    def handler(ctx: JobContext) -> JobOutcome:
+        return JobOutcome(result=outcome().result, compression_report=measured)
+
+    job = queue.submit(
+        jobs_pb2.Job(kind=S.JOB_KIND_COMPRESSION, compression=spec_pb2.CompressionSpec(source_model="m"))
+    )
+    assert await asyncio.to_thread(Worker(queue, S.JOB_KIND_COMPRESSION, handler).run_once)
+    assert await asyncio.to_thread(main, ["jobs", "show", job.id, "--target", server]) == 0
+    out = capsys.readouterr().out
+    assert "bytes on disk" in out and "4.00x" in out and "drop +0.0200" in out
+    assert "latency batch 1 (ms)" in out and "0.50x" in out
+    assert "note: measured: slower at batch 1" in out

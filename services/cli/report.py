@@ -1,0 +1,60 @@
+"""A compression job's measured report as a table: source, compressed and their ratio."""
+
+from __future__ import annotations
+
+from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
+from services.cli.client import print_table
+
+
+def print_compression_report(report: spec_pb2.CompressionReport) -> None:
+    source, compressed = report.source, report.compressed
+    rows = [
+        (
+            "parameters",
+            f"{source.parameters:,}",
+            f"{compressed.parameters:,}",
+            _ratio(source.parameters, compressed.parameters),
+        ),
+        (
+            "nonzero parameters",
+            f"{source.nonzero_parameters:,}",
+            f"{compressed.nonzero_parameters:,}",
+            _ratio(source.nonzero_parameters, compressed.nonzero_parameters),
+        ),
+        (
+            "bytes on disk",
+            f"{source.bytes_on_disk:,}",
+            f"{compressed.bytes_on_disk:,}",
+            _ratio(source.bytes_on_disk, compressed.bytes_on_disk),
+        ),
+        (
+            "latency batch 1 (ms)",
+            f"{source.latency_batch1_ms:.3f}",
+            f"{compressed.latency_batch1_ms:.3f}",
+            _ratio(source.latency_batch1_ms, compressed.latency_batch1_ms),
+        ),
+        (
+            "latency batch 32 (ms)",
+            f"{source.latency_batch32_ms:.3f}",
+            f"{compressed.latency_batch32_ms:.3f}",
+            _ratio(source.latency_batch32_ms, compressed.latency_batch32_ms),
+        ),
+    ]
+    if source.metric_name:
+        drop = source.metric_value - compressed.metric_value
+        rows.append(
+            (
+                source.metric_name,
+                f"{source.metric_value:.4f}",
+                f"{compressed.metric_value:.4f}",
+                f"drop {drop:+.4f}",
+            )
+        )
+    print_table(("measure", "source", "compressed", "source/compressed"), rows)
+    for note in report.notes:
+        print(f"note: {note}")
+
+
+def _ratio(before: float, after: float) -> str:
+    """How many times smaller (or faster) the compressed model is; '' when unmeasured."""
+    return f"{before / after:.2f}x" if before > 0 and after > 0 else ""
