@@ -132,14 +132,20 @@ def _load_torchscript(path: Path, device: torch.device, where: str) -> torch.nn.
 
 
 def _load_export(path: Path, device: torch.device, where: str) -> torch.nn.Module:
+    program = load_exported_program(path, where)
+    # An exported program has no train/eval mode: it was traced in the mode it serves in.
+    module: torch.nn.Module = program.module()
+    return module.to(device)
+
+
+def load_exported_program(path: Path, where: str) -> torch.export.ExportedProgram:
+    """The verified program, never unpickling (InvalidArgument/RuntimeError on bad bytes)."""
     verify.check_archive_entries(path, where)
     # Left set for the process: a serving process must never unpickle.
     os.environ[_WEIGHTS_ONLY_ENV] = "1"
     program = torch.export.load(str(path))
     verify.check_exported_program(program, where)
-    # An exported program has no train/eval mode: it was traced in the mode it serves in.
-    module: torch.nn.Module = program.module()
-    return module.to(device)
+    return program
 
 
 def _specs(

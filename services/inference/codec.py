@@ -19,6 +19,7 @@ from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.api.modelfleet.common.v1 import model_pb2
 from common.datatypes import NUMPY
 from common.errors import FailedPrecondition, InvalidArgument
+from common.models.signature import TORCH
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,16 @@ class DType:
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        DType("BOOL", NUMPY["BOOL"], torch.bool, "bool_contents"),
-        DType("UINT8", NUMPY["UINT8"], torch.uint8, "uint_contents"),
-        DType("INT8", NUMPY["INT8"], torch.int8, "int_contents"),
-        DType("INT16", NUMPY["INT16"], torch.int16, "int_contents"),
-        DType("INT32", NUMPY["INT32"], torch.int32, "int_contents"),
-        DType("INT64", NUMPY["INT64"], torch.int64, "int64_contents"),
-        DType("FP16", NUMPY["FP16"], torch.float16, "fp32_contents"),
-        DType("FP32", NUMPY["FP32"], torch.float32, "fp32_contents"),
-        DType("FP64", NUMPY["FP64"], torch.float64, "fp64_contents"),
-        DType("BF16", NUMPY["BF16"], torch.bfloat16, None),
+        DType("BOOL", NUMPY["BOOL"], TORCH["BOOL"], "bool_contents"),
+        DType("UINT8", NUMPY["UINT8"], TORCH["UINT8"], "uint_contents"),
+        DType("INT8", NUMPY["INT8"], TORCH["INT8"], "int_contents"),
+        DType("INT16", NUMPY["INT16"], TORCH["INT16"], "int_contents"),
+        DType("INT32", NUMPY["INT32"], TORCH["INT32"], "int_contents"),
+        DType("INT64", NUMPY["INT64"], TORCH["INT64"], "int64_contents"),
+        DType("FP16", NUMPY["FP16"], TORCH["FP16"], "fp32_contents"),
+        DType("FP32", NUMPY["FP32"], TORCH["FP32"], "fp32_contents"),
+        DType("FP64", NUMPY["FP64"], TORCH["FP64"], "fp64_contents"),
+        DType("BF16", NUMPY["BF16"], TORCH["BF16"], None),
     )
 }
 _BY_TORCH = {d.torch: d for d in DTYPES.values()}

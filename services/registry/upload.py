@@ -19,8 +19,9 @@ from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore, ArtifactWriter
 from common.errors import Cancelled, FailedPrecondition, InvalidArgument, ModelfleetError
-from common.models.loading import LoadedModel, first_line, load_model, mlp_tensor_specs
+from common.models.loading import LoadedModel, first_line, load_exported_program, load_model, mlp_tensor_specs
 from common.models.mlp import is_normalized, validate_mlp
+from common.models.signature import export_signature
 from common.names import validate_name
 from common.registry import ModelRegistry
 from services.inference.codec import Signature, batch_tensor, output_array, outputs_of, zeros_for
@@ -58,7 +59,8 @@ def check_header(header: registry_pb2.UploadModelHeader) -> None:
         if family is None:
             raise InvalidArgument(f"header.architecture is required for {fmt}")
         validate_mlp(header.architecture.mlp, "header.architecture.mlp")
-    elif not (header.inputs and header.outputs):
+    elif not (header.inputs and header.outputs) and header.format != registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
+        # A torch.export program carries its own signature; TorchScript does not.
         raise InvalidArgument(f"header.inputs and header.outputs are required for {fmt}")
     for field, specs in (("inputs", header.inputs), ("outputs", header.outputs)):
         for i, spec in enumerate(specs):
@@ -194,12 +196,15 @@ class ModelUpload:
 
 def _check_loads(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> None:
     """Load the artifact on CPU and run it once; any failure means the bytes are not
-    the declared model."""
+    the declared model. A torch.export program without declared specs gets the
+    signature it was traced with (filled into ``candidate``)."""
     fmt = registry_pb2.ModelFormat.Name(candidate.format)
-    probe = registry_pb2.ModelVersion()
-    probe.CopyFrom(candidate)
-    probe.version = "upload"  # names the candidate in load errors
     try:
+        if candidate.format == registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
+            _fill_export_signature(candidate, store)
+        probe = registry_pb2.ModelVersion()
+        probe.CopyFrom(candidate)
+        probe.version = "upload"  # names the candidate in load errors
         _check_runs(load_model(probe, store, torch.device("cpu")), candidate.model_name)
     except ModelfleetError:
         raise
@@ -209,6 +214,18 @@ def _check_loads(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> 
         raise InvalidArgument(
             f"uploaded artifact is not a loadable {fmt} model: {type(exc).__name__}"
         ) from exc
+
+
+def _fill_export_signature(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> None:
+    """Declared specs win; what the header left out comes from the program."""
+    if candidate.inputs and candidate.outputs:
+        return
+    program = load_exported_program(store.path(candidate.artifact_digest), "the uploaded program")
+    inputs, outputs = export_signature(program)
+    if not candidate.inputs:
+        candidate.inputs.extend(inputs)
+    if not candidate.outputs:
+        candidate.outputs.extend(outputs)
 
 
 def _check_runs(loaded: LoadedModel, model: str) -> None:

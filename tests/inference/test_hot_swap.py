@@ -72,7 +72,7 @@ async def test_failed_reload_keeps_old_version(serve, registry: ModelRegistry, s
     async with serve() as srv:
         broken = registry_pb2.ModelVersion()
         broken.CopyFrom(good)
-        ref = store.put_bytes(b"not safetensors at all")
+        ref = store.put_bytes(b"not safetensors at all" * 10)
         broken.artifact_digest, broken.artifact_size_bytes = ref.digest, ref.size
         registry.register(broken)
         registry.set_alias("m", "production", "2")

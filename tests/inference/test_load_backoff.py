@@ -21,7 +21,7 @@ POLLS = 8  # registry polls (0.5 s each in `running`) watched for retries
 
 
 def _register_broken(registry: ModelRegistry, store: ArtifactStore, name: str) -> None:
-    ref = store.put_bytes(b"not safetensors at all")
+    ref = store.put_bytes(b"not safetensors at all" * 10)
     registry.register(
         registry_pb2.ModelVersion(
             model_name=name,

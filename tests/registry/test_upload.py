@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import Any
 
 import pytest
 import redis
+import torch
 
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
@@ -181,3 +183,34 @@ def test_an_architecture_larger_than_its_weights_is_refused_before_allocation(
     with pytest.raises(InvalidArgument, match=r"parameters but the artifact holds only"):
         upload(header, mlp_bytes(), store, registry)
     assert stored_digests(store) == []
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 3)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.body(features)
+        return hidden, hidden.argmax(dim=1)
+
+
+def test_a_torch_export_upload_takes_its_signature_from_the_program(
+    store: ArtifactStore, registry: ModelRegistry
+) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    buffer = io.BytesIO()
+    torch.export.save(
+        torch.export.export(_TwoHeads(), (torch.zeros(2, 4),), dynamic_shapes=({0: batch},)), buffer
+    )
+    header = registry_pb2.UploadModelHeader(name="ex", format=registry_pb2.MODEL_FORMAT_TORCH_EXPORT)
+    version = upload(header, buffer.getvalue(), store, registry)
+    assert [(t.name, t.datatype, list(t.shape)) for t in version.inputs] == [("features", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in version.outputs] == [
+        ("output_0", "FP32", [-1, 3]),
+        ("output_1", "INT64", [-1]),
+    ]
+    # Declared specs still win over the program's.
+    header.outputs.add(name="scores", datatype="FP32", shape=[-1, 3])
+    header.outputs.add(name="label", datatype="INT64", shape=[-1])
+    assert [t.name for t in upload(header, buffer.getvalue(), store, registry).outputs] == ["scores", "label"]

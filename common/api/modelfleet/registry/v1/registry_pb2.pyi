@@ -828,7 +828,10 @@ class UploadModelHeader(_message.Message):
 
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.TensorSpec]:
-        """Input/output tensors; required for TORCHSCRIPT and TORCH_EXPORT."""
+        """Input/output tensors; required for TORCHSCRIPT. For TORCH_EXPORT, what is
+        left empty comes from the program: its traced input names, dtypes and shapes
+        (symbolic dims as -1) and outputs named "output" (or "output_<i>" for several).
+        """
 
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.TensorSpec]: ...
