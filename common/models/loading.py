@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def _load_safetensors_mlp(
     norm = version.normalization if version.HasField("normalization") else None
     model = build_model(version.architecture, norm)
     state = load_file(str(path), device="cpu")
+    if set(state) != set(model.state_dict()):
+        state = _sequential_keys(state, list(model.state_dict())) or state
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InvalidArgument(
@@ -136,6 +139,36 @@ def _load_export(path: Path, device: torch.device, where: str) -> torch.nn.Modul
     # An exported program has no train/eval mode: it was traced in the mode it serves in.
     module: torch.nn.Module = program.module()
     return module.to(device)
+
+
+# A Linear layer's key in an nn.Sequential state dict, under any wrapper prefixes
+# (DataParallel's "module.", our MLP's "layers.", a user's "model.").
+_SEQUENTIAL_KEY = re.compile(r"(?:(?:module|model|layers)\.)*(\d+)\.(weight|bias)")
+
+
+def _sequential_keys(state: dict[str, torch.Tensor], expected: list[str]) -> dict[str, torch.Tensor] | None:
+    """A plain ``nn.Sequential``'s weights renamed onto the MLP's Linear layers, in
+    order ("0.weight", "2.bias", ... with or without dropout between them); None
+    when the two do not have the same layers."""
+
+    def linears(keys: list[str]) -> list[dict[str, str]] | None:
+        found: dict[int, dict[str, str]] = {}
+        for key in keys:
+            match = _SEQUENTIAL_KEY.fullmatch(key)
+            if match is not None:
+                found.setdefault(int(match[1]), {})[match[2]] = key
+        return [found[i] for i in sorted(found)] or None
+
+    theirs, ours = linears(list(state)), linears(expected)
+    if theirs is None or ours is None or len(theirs) != len(ours):
+        return None
+    renamed = {key: value for key, value in state.items() if not _SEQUENTIAL_KEY.fullmatch(key)}
+    for their_layer, our_layer in zip(theirs, ours, strict=True):
+        if set(their_layer) != set(our_layer):
+            return None
+        for part, key in their_layer.items():
+            renamed[our_layer[part]] = state[key]
+    return renamed
 
 
 def load_exported_program(path: Path, where: str) -> torch.export.ExportedProgram:

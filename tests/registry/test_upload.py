@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 import redis
 import torch
+from safetensors.torch import save
 
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
 from common.errors import InvalidArgument, NotFound, ResourceExhausted
+from common.models.loading import load_model
 from common.registry import ModelRegistry
 from common.settings import Settings
 from services.registry.upload import ModelUpload, check_header, first_header
@@ -214,3 +216,25 @@ def test_a_torch_export_upload_takes_its_signature_from_the_program(
     header.outputs.add(name="scores", datatype="FP32", shape=[-1, 3])
     header.outputs.add(name="label", datatype="INT64", shape=[-1])
     assert [t.name for t in upload(header, buffer.getvalue(), store, registry).outputs] == ["scores", "label"]
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "model."])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_a_plain_sequential_state_dict_uploads_as_an_mlp(
+    store: ArtifactStore, registry: ModelRegistry, prefix: str, dropout: float
+) -> None:
+    """No undocumented "layers." prefix: a user's nn.Sequential weights map onto
+    the MLP's Linear layers in order, with or without dropout between them."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    data = save({f"{prefix}{k}": v.contiguous() for k, v in plain.state_dict().items()})
+    header = mlp_header()
+    header.architecture.mlp.dropout = dropout
+    version = upload(header, data, store, registry)
+    loaded = load_model(version, store, torch.device("cpu"))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), plain(x))
+    wrong = save({k: v.contiguous() for k, v in plain[:1].state_dict().items()})  # one layer short
+    with pytest.raises(InvalidArgument, match="do not match the architecture"):
+        upload(header, wrong, store, registry)
