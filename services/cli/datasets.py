@@ -96,6 +96,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="dataset name (default: the file's stem)")
     p.add_argument("--label", default="", help="label column (name; an index for .npy)")
     p.add_argument("--no-header", action="store_true", help="CSV: the first line is data")
+    p.add_argument(
+        "--missing",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="CSV: a cell value meaning missing (repeatable; default NA, N/A, NaN, null, None, ...)",
+    )
     p.add_argument("--task", choices=sorted(TASKS), default="auto")
     p.add_argument("--description", default="")
     handle(p, _upload)
@@ -155,10 +162,23 @@ def _show_version(args: argparse.Namespace, v: data_pb2.DatasetVersion) -> int:
         ("normalization", model_pb2.NormalizationKind.Name(v.normalization.kind)),
         ("parent", f"{v.parent_name}:{v.parent_version}" if v.parent_name else "-"),
         ("operations", "; ".join(v.operations)),
+        *_cleaning_rows(v.cleaning),
         ("size_bytes", v.size_bytes),
     ]
     print_table(["field", "value"], rows)
     return 0
+
+
+def _cleaning_rows(report: data_pb2.CleaningReport) -> list[tuple[str, object]]:
+    """What cleaning removed, when it ran (rows_in is 0 for uploads and sources)."""
+    if not report.rows_in:
+        return []
+    return [
+        ("rows in -> out", f"{report.rows_in} -> {report.rows_out}"),
+        ("dropped invalid (NaN/Inf)", report.dropped_invalid),
+        ("dropped missing label", report.dropped_missing_label),
+        ("dropped duplicates", report.dropped_duplicates),
+    ]
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -247,6 +267,7 @@ def _upload(args: argparse.Namespace) -> int:
         format=fmt,
         label_column=args.label,
         csv_has_header=not args.no_header,
+        csv_missing_values=args.missing,
         task=TASKS[args.task],
         description=args.description,
         total_size_bytes=os.path.getsize(path),

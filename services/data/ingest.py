@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -47,9 +47,22 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             ) from None
 
 
-def parse_csv(path: Path, has_header: bool) -> RawTable:
+# What spreadsheets, R, pandas and databases write for a missing cell (lowercase).
+DEFAULT_MISSING = frozenset({"na", "n/a", "nan", "null", "none", "nil", "#n/a", "<na>", "-nan", "?"})
+
+
+def missing_tokens(declared: Sequence[str]) -> frozenset[str]:
+    """The header's missing-value tokens (lowercase), or the defaults when it names
+    none; naming only "" turns the defaults off."""
+    if not declared:
+        return DEFAULT_MISSING
+    return frozenset(t.strip().lower() for t in declared) - {""}
+
+
+def parse_csv(path: Path, has_header: bool, missing: frozenset[str] = DEFAULT_MISSING) -> RawTable:
     """Two passes keep memory at the size of the result: the first checks the
-    shape and finds each column's type, the second fills the array."""
+    shape and finds each column's type, the second fills the array. Empty cells
+    and ``missing`` tokens (lowercase) are NaN."""
     names: list[str] | None = None
     width = 0
     rows = 0
@@ -75,7 +88,7 @@ def parse_csv(path: Path, has_header: bool) -> RawTable:
         rows += 1
         for i, text in enumerate(fields):
             text = text.strip()
-            if not text:
+            if not text or text.lower() in missing:
                 continue
             seen[i] = True
             value = _number(text)
@@ -96,7 +109,7 @@ def parse_csv(path: Path, has_header: bool) -> RawTable:
     for row, (_, fields) in enumerate(records):
         for i, text in enumerate(fields):
             text = text.strip()
-            if not text:
+            if not text or text.lower() in missing:
                 continue
             if i in codes:
                 data[row, i] = codes[i].setdefault(text, len(codes[i]))
@@ -275,7 +288,8 @@ def parse_upload(path: Path, header: data_pb2.UploadDatasetHeader, max_bytes: in
     """Parse by ``header.format``; returns the table and the label column's name.
     ``max_bytes`` bounds what an array may decode to."""
     if header.format == data_pb2.DATA_FORMAT_CSV:
-        return parse_csv(path, header.csv_has_header), header.label_column
+        missing = missing_tokens(header.csv_missing_values)
+        return parse_csv(path, header.csv_has_header, missing), header.label_column
     if header.format == data_pb2.DATA_FORMAT_NPY:
         return parse_npy(path, header.label_column, max_bytes)
     if header.format == data_pb2.DATA_FORMAT_NPZ:

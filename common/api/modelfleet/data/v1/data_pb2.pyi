@@ -414,6 +414,7 @@ class UploadDatasetHeader(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    CSV_MISSING_VALUES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Dataset name: letters, digits, '.', '-', '_' (1-128 chars)."""
     format: Global___DataFormat.ValueType
@@ -431,6 +432,15 @@ class UploadDatasetHeader(_message.Message):
     """sha256 of the whole upload, lowercase hex; checked when set (a mismatch
     stores nothing).
     """
+    @_builtins.property
+    def csv_missing_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CSV cells (trimmed, compared case-insensitively) that mean a missing value:
+        they become NaN, so a numeric column stays numeric. Empty means the usual
+        tokens: NA, N/A, NaN, null, None, NIL, #N/A, <NA>, -NaN, "?". An empty cell
+        is always missing; [""] turns the defaults off. Drop such rows with
+        Cleaning.drop_invalid.
+        """
+
     def __init__(
         self,
         *,
@@ -442,10 +452,11 @@ class UploadDatasetHeader(_message.Message):
         description: _builtins.str = ...,
         total_size_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        csv_missing_values: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv_has_header", b"csv_has_header", "description", b"description", "format", b"format", "label_column", b"label_column", "name", b"name", "sha256", b"sha256", "task", b"task", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv_has_header", b"csv_has_header", "csv_missing_values", b"csv_missing_values", "description", b"description", "format", b"format", "label_column", b"label_column", "name", b"name", "sha256", b"sha256", "task", b"task", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
