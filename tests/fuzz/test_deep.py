@@ -168,8 +168,11 @@ def _safetensors_body() -> bytes:
     return safetensors.torch.save(build_model(mlp_arch()).state_dict())
 
 
-def _upload_parts(header: Message, body: bytes, cls: type[Message]) -> st.SearchStrategy[list[Message]]:
-    """Header variants and body pieces (whole, truncated, garbage) in any order."""
+def _upload_parts(
+    header: Message, body: bytes, cls: Callable[..., Message]
+) -> st.SearchStrategy[list[Message]]:
+    """Header variants and body pieces (whole, truncated, garbage) in any order;
+    ``cls`` is the stream's request message class."""
     headers = st.one_of(st.just(header), variants(header))
     bodies = st.one_of(
         st.just(body),
