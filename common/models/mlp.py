@@ -22,29 +22,36 @@ _ACTIVATIONS: dict[int, type[nn.Module]] = {
 
 
 class Normalize(nn.Module):
-    """y = (x - shift) / scale, per feature; buffers travel with the weights."""
+    """y = (x - shift) / scale, per feature, after missing (NaN) inputs take their
+    ``fill`` value when the dataset was imputed; buffers travel with the weights."""
 
     shift: torch.Tensor
     scale: torch.Tensor
+    fill: torch.Tensor | None
 
-    def __init__(self, num_features: int) -> None:
+    def __init__(self, num_features: int, impute: bool = False) -> None:
         super().__init__()
         self.register_buffer("shift", torch.zeros(num_features))
         self.register_buffer("scale", torch.ones(num_features))
+        self.register_buffer("fill", torch.zeros(num_features) if impute else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fill is not None:
+            x = torch.where(torch.isnan(x), self.fill, x)
         return (x - self.shift) / self.scale
 
 
 class MLP(nn.Module):
-    """State-dict keys: ``norm.shift``, ``norm.scale`` (when normalized) and
-    ``layers.<i>.weight|bias`` for the Linear layers of ``layers``."""
+    """State-dict keys: ``norm.shift``, ``norm.scale`` (when normalized), ``norm.fill``
+    (when imputed) and ``layers.<i>.weight|bias`` for the Linear layers of ``layers``."""
 
-    def __init__(self, arch: model_pb2.MlpArchitecture, normalized: bool = False) -> None:
+    def __init__(
+        self, arch: model_pb2.MlpArchitecture, normalized: bool = False, impute: bool = False
+    ) -> None:
         super().__init__()
         validate_mlp(arch)
         self.arch = arch
-        self.norm: nn.Module = Normalize(arch.input_size) if normalized else nn.Identity()
+        self.norm: nn.Module = Normalize(arch.input_size, impute) if normalized else nn.Identity()
         widths = [arch.input_size, *arch.hidden_sizes, arch.output_size]
         layers: list[nn.Module] = []
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
@@ -65,8 +72,11 @@ class MLP(nn.Module):
         """Copy a dataset's normalization into the model's buffers."""
         if not isinstance(self.norm, Normalize):
             raise InvalidArgument("model was built without normalization")
-        self.norm.shift.copy_(torch.tensor(list(norm.shift), dtype=torch.float32))
-        self.norm.scale.copy_(torch.tensor(list(norm.scale), dtype=torch.float32))
+        if norm.shift:  # kind NONE with only a fill keeps shift 0, scale 1
+            self.norm.shift.copy_(torch.tensor(list(norm.shift), dtype=torch.float32))
+            self.norm.scale.copy_(torch.tensor(list(norm.scale), dtype=torch.float32))
+        if self.norm.fill is not None:
+            self.norm.fill.copy_(torch.tensor(list(norm.fill), dtype=torch.float32))
 
 
 def validate_mlp(arch: model_pb2.MlpArchitecture, where: str = "architecture.mlp") -> None:
@@ -102,7 +112,10 @@ def check_parameter_budget(arch: model_pb2.MlpArchitecture, budget: int, where: 
 
 
 def is_normalized(norm: model_pb2.Normalization) -> bool:
-    return norm.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX)
+    """Whether ``norm`` transforms inputs: a shift and scale, or a missing-value fill."""
+    return norm.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX) or bool(
+        norm.fill
+    )
 
 
 def build_model(arch: model_pb2.Architecture, norm: model_pb2.Normalization | None = None) -> MLP:
@@ -110,7 +123,9 @@ def build_model(arch: model_pb2.Architecture, norm: model_pb2.Normalization | No
     family = arch.WhichOneof("family")
     if family == "mlp":
         normalized = norm is not None and is_normalized(norm)
-        model = MLP(arch.mlp, normalized=normalized)
+        model = MLP(
+            arch.mlp, normalized=normalized, impute=normalized and norm is not None and bool(norm.fill)
+        )
         if normalized and norm is not None:
             model.set_normalization(norm)
         return model

@@ -48,6 +48,12 @@ NORMALIZATIONS = {
     "zscore": model_pb2.NORMALIZATION_KIND_ZSCORE,
     "minmax": model_pb2.NORMALIZATION_KIND_MINMAX,
 }
+IMPUTATIONS = {
+    "mean": data_pb2.IMPUTE_STRATEGY_MEAN,
+    "median": data_pb2.IMPUTE_STRATEGY_MEDIAN,
+    "most_frequent": data_pb2.IMPUTE_STRATEGY_MOST_FREQUENT,
+    "constant": data_pb2.IMPUTE_STRATEGY_CONSTANT,
+}
 CASTS = {
     "float32": data_pb2.CAST_TYPE_FLOAT32,
     "float64": data_pb2.CAST_TYPE_FLOAT64,
@@ -118,6 +124,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cast", action="append", default=[], metavar="COLUMN:TYPE", help="TYPE: float32|float64|int64"
     )
+    p.add_argument(
+        "--impute",
+        default="",
+        metavar="STRATEGY",
+        help="fill missing features, fitted on the train split: mean|median|most_frequent|constant:VALUE",
+    )
     p.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default="none")
     p.add_argument("--val", type=float, default=0.0, help="validation fraction")
     p.add_argument("--test", type=float, default=0.0, help="test fraction")
@@ -160,6 +172,7 @@ def _show_version(args: argparse.Namespace, v: data_pb2.DatasetVersion) -> int:
         ("classes", ", ".join(v.class_names) or "-"),
         ("splits", splits),
         ("normalization", model_pb2.NormalizationKind.Name(v.normalization.kind)),
+        ("imputation", f"fill for {len(v.normalization.fill)} features" if v.normalization.fill else "-"),
         ("parent", f"{v.parent_name}:{v.parent_version}" if v.parent_name else "-"),
         ("operations", "; ".join(v.operations)),
         *_cleaning_rows(v.cleaning),
@@ -287,6 +300,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         cleaning=data_pb2.Cleaning(drop_invalid=args.drop_invalid, dedupe=args.dedupe),
         transforms=transforms,
         normalization=NORMALIZATIONS[args.normalize],
+        imputation=_imputation(args.impute),
         split=data_pb2.SplitSpec(
             val_fraction=args.val, test_fraction=args.test, seed=args.seed, stratify=args.stratify
         ),
@@ -294,6 +308,20 @@ def _preprocess(args: argparse.Namespace) -> int:
     )
     stub, md = _stub(args)
     return _show_version(args, stub.PreprocessDataset(request, metadata=md).dataset)
+
+
+def _imputation(spec: str) -> data_pb2.Imputation:
+    if not spec:
+        return data_pb2.Imputation()
+    name, _, value = spec.partition(":")
+    strategy = IMPUTATIONS.get(name)
+    if strategy is None or (value and name != "constant") or (name == "constant" and not value):
+        raise InvalidArgument(f"--impute {spec!r}: use mean, median, most_frequent or constant:VALUE")
+    try:
+        constant = float(value) if value else 0.0
+    except ValueError:
+        raise InvalidArgument(f"--impute {spec!r}: {value!r} is not a number") from None
+    return data_pb2.Imputation(strategy=strategy, constant=constant)
 
 
 def _cast(spec: str) -> data_pb2.CastColumn:

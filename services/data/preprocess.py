@@ -8,6 +8,7 @@ two and a model trained on the result still takes raw inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,8 @@ def _one_hot(table: Table, op: data_pb2.OneHotColumn) -> str:
     table.columns = [*table.columns[:i], *new, *table.columns[i + 1 :]]
     table.shift = np.concatenate([table.shift[:i], np.zeros(len(cats)), table.shift[i + 1 :]])
     table.scale = np.concatenate([table.scale[:i], np.ones(len(cats)), table.scale[i + 1 :]])
+    if table.fill is not None:
+        table.fill = np.concatenate([table.fill[:i], np.zeros(len(cats)), table.fill[i + 1 :]])
     return f"one_hot({col.name})"
 
 
@@ -113,6 +116,8 @@ def _drop(table: Table, column: str) -> str:
     del table.columns[i]
     table.shift = np.delete(table.shift, i)
     table.scale = np.delete(table.scale, i)
+    if table.fill is not None:
+        table.fill = np.delete(table.fill, i)
     return f"drop({column})"
 
 
@@ -162,6 +167,46 @@ def split_rows(table: Table, spec: data_pb2.SplitSpec) -> dict[str, np.ndarray]:
     return {name: rows for name, rows in out.items() if rows.size}
 
 
+_IMPUTE_NAMES = {
+    data_pb2.IMPUTE_STRATEGY_MEAN: "mean",
+    data_pb2.IMPUTE_STRATEGY_MEDIAN: "median",
+    data_pb2.IMPUTE_STRATEGY_MOST_FREQUENT: "most_frequent",
+    data_pb2.IMPUTE_STRATEGY_CONSTANT: "constant",
+}
+
+
+def impute(table: Table, spec: data_pb2.Imputation, fit_rows: np.ndarray) -> str | None:
+    """Fill missing (NaN) features with values fitted on ``fit_rows`` and record them,
+    in the units of the raw inputs, so a model trained on the result fills the same
+    way at inference. A column with no present train value gets 0 (or the constant)."""
+    if spec.strategy == data_pb2.IMPUTE_STRATEGY_UNSPECIFIED:
+        return None
+    name = _IMPUTE_NAMES.get(spec.strategy)
+    if name is None:
+        raise InvalidArgument(f"imputation.strategy {spec.strategy} is unknown")
+    if spec.strategy == data_pb2.IMPUTE_STRATEGY_CONSTANT and not math.isfinite(spec.constant):
+        raise InvalidArgument(f"imputation.constant must be finite, got {spec.constant}")
+    fit = table.features[fit_rows].astype(np.float64)
+    fit[~np.isfinite(fit)] = np.nan
+    fill = np.full(len(table.columns), spec.constant if name == "constant" else 0.0)
+    for i in range(len(table.columns)):
+        present = fit[:, i][~np.isnan(fit[:, i])]
+        if name == "constant" or present.size == 0:
+            continue
+        if name == "mean":
+            fill[i] = present.mean()
+        elif name == "median":
+            fill[i] = np.median(present)
+        else:
+            values, counts = np.unique(present, return_counts=True)
+            fill[i] = values[np.argmax(counts)]  # ties: the smallest value
+    missing = np.isnan(table.features)
+    table.features = np.where(missing, fill.astype(np.float32), table.features).astype(np.float32)
+    raw = fill * table.scale + table.shift  # the features may already be normalized by a parent
+    table.fill = raw if table.fill is None else np.where(np.isnan(table.fill), raw, table.fill)
+    return f"impute({name}{f'={spec.constant:g}' if name == 'constant' else ''},filled={int(missing.sum())})"
+
+
 def normalize(table: Table, kind: model_pb2.NormalizationKind.ValueType, fit_rows: np.ndarray) -> str | None:
     """Fit on ``fit_rows``, apply to all rows, and compose with what was applied before."""
     if kind not in _NORMALIZE:
@@ -209,7 +254,11 @@ def preprocess(table: Table, request: data_pb2.PreprocessDatasetRequest) -> Resu
             f"split(val={s.val_fraction:g},test={s.test_fraction:g},seed={s.seed}"
             + (",stratify)" if s.stratify else ")")
         )
-    fitted = normalize(table, request.normalization, splits.get("train", splits.get("all", np.arange(0))))
+    fit_rows = splits.get("train", splits.get("all", np.arange(0)))
+    imputed = impute(table, request.imputation, fit_rows)
+    if imputed:
+        operations.append(imputed)
+    fitted = normalize(table, request.normalization, fit_rows)
     if fitted:
         operations.append(fitted)
     return Result(table=table, splits=splits, cleaning=report, operations=operations)

@@ -45,12 +45,13 @@ def describe(table: Table, name: str, description: str) -> data_pb2.DatasetVersi
         description=description,
         feature_names=[c.name for c in table.columns],
     )
-    if table.norm_kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX):
-        meta.normalization.CopyFrom(
-            model_pb2.Normalization(kind=table.norm_kind, shift=table.shift, scale=table.scale)
-        )
-    else:
-        meta.normalization.kind = model_pb2.NORMALIZATION_KIND_NONE
+    normalized = table.norm_kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX)
+    meta.normalization.kind = table.norm_kind if normalized else model_pb2.NORMALIZATION_KIND_NONE
+    if normalized or table.fill is not None:
+        meta.normalization.shift[:] = table.shift.tolist()
+        meta.normalization.scale[:] = table.scale.tolist()
+    if table.fill is not None:
+        meta.normalization.fill[:] = table.fill.tolist()
     return meta
 
 
@@ -122,6 +123,9 @@ def load_table(store: ArtifactStore, record: DatasetRecord) -> Table:
     )
     if meta.normalization.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX):
         table.norm_kind = meta.normalization.kind
+    if len(meta.normalization.shift) == len(table.columns):
         table.shift = np.array(meta.normalization.shift, dtype=np.float64)
         table.scale = np.array(meta.normalization.scale, dtype=np.float64)
+    if meta.normalization.fill:
+        table.fill = np.array(meta.normalization.fill, dtype=np.float64)
     return table

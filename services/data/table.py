@@ -48,6 +48,8 @@ class Table:
     norm_kind: model_pb2.NormalizationKind.ValueType = model_pb2.NORMALIZATION_KIND_NONE
     shift: np.ndarray = field(default_factory=lambda: np.zeros(0))
     scale: np.ndarray = field(default_factory=lambda: np.ones(0))
+    # Raw-space value a missing input takes (NaN: that column is not imputed); None: no imputation.
+    fill: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.shift.shape != (len(self.columns),):

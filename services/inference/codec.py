@@ -63,9 +63,15 @@ class Signature:
     """A model's inputs/outputs, prepared once per loaded version for fast checks."""
 
     def __init__(
-        self, model: str, inputs: Sequence[model_pb2.TensorSpec], outputs: Sequence[model_pb2.TensorSpec]
+        self,
+        model: str,
+        inputs: Sequence[model_pb2.TensorSpec],
+        outputs: Sequence[model_pb2.TensorSpec],
+        accepts_missing: bool = False,
     ) -> None:
         self.model = model
+        # The model fills NaN inputs itself (its dataset was imputed); Inf is still refused.
+        self.accepts_missing = accepts_missing
         self.inputs: list[_Input] = []
         for i, spec in enumerate(inputs):
             dtype = DTYPES.get(spec.datatype)
@@ -150,7 +156,9 @@ class Signature:
                 array = np.asarray(values, dtype=dtype.numpy).reshape(shape)
             except OverflowError:
                 raise InvalidArgument(f"input {name!r} has values out of range for {dtype.name}") from None
-        if reject_nan and dtype.name in _FLOATS and not _all_finite(array, dtype):
+        if reject_nan and dtype.name in _FLOATS and not _all_finite(array, dtype, self.accepts_missing):
+            if self.accepts_missing:
+                raise InvalidArgument(f"input {name!r} contains Inf values, which this server rejects")
             raise InvalidArgument(f"input {name!r} contains NaN or Inf values, which this server rejects")
         return array
 
@@ -182,10 +190,12 @@ def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -
             )
 
 
-def _all_finite(array: np.ndarray, dtype: DType) -> bool:
-    if dtype.name == "BF16":
-        return bool(torch.isfinite(torch.from_numpy(array.copy()).view(torch.bfloat16)).all())
-    return bool(np.isfinite(array).all())
+def _all_finite(array: np.ndarray, dtype: DType, nan_ok: bool = False) -> bool:
+    values = torch.from_numpy(array.copy()).view(torch.bfloat16) if dtype.name == "BF16" else array
+    lib: Any = torch if dtype.name == "BF16" else np
+    if nan_ok:
+        return not bool(lib.isinf(values).any())
+    return bool(lib.isfinite(values).all())
 
 
 def batch_tensor(arrays: Sequence[np.ndarray], dtype: DType, device: torch.device) -> torch.Tensor:

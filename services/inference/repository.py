@@ -371,7 +371,9 @@ class ModelRepository:
     async def _load_version(self, name: str, version: str) -> Served:
         record = await asyncio.to_thread(self._registry.get_version, name, version)
         model = await asyncio.to_thread(load_model, record, self._store, self._device)
-        signature = Signature(name, model.inputs, model.outputs)
+        signature = Signature(
+            name, model.inputs, model.outputs, accepts_missing=bool(record.normalization.fill)
+        )
         stats = VersionStats(name, version)
         settings = self._settings
         batcher = Batcher(

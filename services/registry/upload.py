@@ -89,7 +89,12 @@ def _check_normalization(header: registry_pb2.UploadModelHeader) -> None:
             f"header.normalization has {len(norm.shift)} shift and {len(norm.scale)} scale values"
         )
     width = header.architecture.mlp.input_size if header.architecture.WhichOneof("family") == "mlp" else 0
-    if width and len(norm.shift) != width:
+    for field, values in (("shift", norm.shift), ("fill", norm.fill)):
+        if width and values and len(values) != width:
+            raise InvalidArgument(
+                f"header.normalization.{field} has {len(values)} values for {width} input features"
+            )
+    if norm.kind != model_pb2.NORMALIZATION_KIND_NONE and width and len(norm.shift) != width:
         raise InvalidArgument(f"header.normalization has {len(norm.shift)} values for {width} input features")
     if any(s == 0 for s in norm.scale):
         raise InvalidArgument("header.normalization.scale must not contain zeros")

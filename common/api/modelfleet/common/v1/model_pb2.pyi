@@ -175,6 +175,7 @@ class Normalization(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     SHIFT_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
+    FILL_FIELD_NUMBER: _builtins.int
     kind: Global___NormalizationKind.ValueType
     @_builtins.property
     def shift(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -184,16 +185,24 @@ class Normalization(_message.Message):
     def scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Per-feature scale (std or max - min; never zero)."""
 
+    @_builtins.property
+    def fill(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per-feature value a missing (NaN) input takes before shift and scale, fitted
+        on the train split (Imputation); empty: the model takes no missing inputs.
+        May be set with kind NONE (then shift 0, scale 1).
+        """
+
     def __init__(
         self,
         *,
         kind: Global___NormalizationKind.ValueType = ...,
         shift: _abc.Iterable[_builtins.float] | None = ...,
         scale: _abc.Iterable[_builtins.float] | None = ...,
+        fill: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "scale", b"scale", "shift", b"shift"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fill", b"fill", "kind", b"kind", "scale", b"scale", "shift", b"shift"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

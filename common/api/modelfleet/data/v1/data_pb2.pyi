@@ -138,6 +138,31 @@ SPLIT_VAL: Split.ValueType  # 2
 SPLIT_TEST: Split.ValueType  # 3
 Global___Split: _TypeAlias = Split  # noqa: Y015
 
+class _ImputeStrategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImputeStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImputeStrategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMPUTE_STRATEGY_UNSPECIFIED: _ImputeStrategy.ValueType  # 0
+    IMPUTE_STRATEGY_MEAN: _ImputeStrategy.ValueType  # 1
+    """Per feature, over the train split's present values."""
+    IMPUTE_STRATEGY_MEDIAN: _ImputeStrategy.ValueType  # 2
+    IMPUTE_STRATEGY_MOST_FREQUENT: _ImputeStrategy.ValueType  # 3
+    IMPUTE_STRATEGY_CONSTANT: _ImputeStrategy.ValueType  # 4
+    """Imputation.constant for every feature."""
+
+class ImputeStrategy(_ImputeStrategy, metaclass=_ImputeStrategyEnumTypeWrapper): ...
+
+IMPUTE_STRATEGY_UNSPECIFIED: ImputeStrategy.ValueType  # 0
+IMPUTE_STRATEGY_MEAN: ImputeStrategy.ValueType  # 1
+"""Per feature, over the train split's present values."""
+IMPUTE_STRATEGY_MEDIAN: ImputeStrategy.ValueType  # 2
+IMPUTE_STRATEGY_MOST_FREQUENT: ImputeStrategy.ValueType  # 3
+IMPUTE_STRATEGY_CONSTANT: ImputeStrategy.ValueType  # 4
+"""Imputation.constant for every feature."""
+Global___ImputeStrategy: _TypeAlias = ImputeStrategy  # noqa: Y015
+
 class _CastType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -614,6 +639,34 @@ class Cleaning(_message.Message):
 Global___Cleaning: _TypeAlias = Cleaning  # noqa: Y015
 
 @_typing.final
+class Imputation(_message.Message):
+    """Replace missing feature values (NaN) by a value fitted on the train split.
+    The values travel into models trained on the result, so a served model takes
+    NaN inputs and fills them the same way.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    CONSTANT_FIELD_NUMBER: _builtins.int
+    strategy: Global___ImputeStrategy.ValueType
+    constant: _builtins.float
+    """For IMPUTE_STRATEGY_CONSTANT, in the units the dataset holds; finite."""
+    def __init__(
+        self,
+        *,
+        strategy: Global___ImputeStrategy.ValueType = ...,
+        constant: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constant", b"constant", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Imputation: _TypeAlias = Imputation  # noqa: Y015
+
+@_typing.final
 class Transform(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -730,6 +783,7 @@ class PreprocessDatasetRequest(_message.Message):
     NORMALIZATION_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IMPUTATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     """Source version; empty means latest."""
@@ -746,6 +800,10 @@ class PreprocessDatasetRequest(_message.Message):
 
     @_builtins.property
     def split(self) -> Global___SplitSpec: ...
+    @_builtins.property
+    def imputation(self) -> Global___Imputation:
+        """Runs after the transforms and the split, before normalization."""
+
     def __init__(
         self,
         *,
@@ -757,10 +815,11 @@ class PreprocessDatasetRequest(_message.Message):
         normalization: _model_pb2.NormalizationKind.ValueType = ...,
         split: Global___SplitSpec | None = ...,
         description: _builtins.str = ...,
+        imputation: Global___Imputation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "split", b"split"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "imputation", b"imputation", "split", b"split"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "description", b"description", "name", b"name", "normalization", b"normalization", "split", b"split", "target_name", b"target_name", "transforms", b"transforms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "description", b"description", "imputation", b"imputation", "name", b"name", "normalization", b"normalization", "split", b"split", "target_name", b"target_name", "transforms", b"transforms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
