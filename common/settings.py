@@ -47,6 +47,9 @@ class Settings:
     compression_port: int = 50053
     # Largest gRPC message in either direction; gRPC's own default is 4 MiB.
     max_message_bytes: int = 256 * 1024 * 1024
+    # Largest message the data, training and compression servers accept: specs and
+    # upload chunks, never tensors, so a client cannot make them buffer 256 MiB.
+    control_max_message_bytes: int = 16 * 1024 * 1024
     # Client tokens as hashes with roles: lines "sha256:<hex> <role> <client-name>"
     # (docs/security.md). Re-read when the file changes.
     auth_tokens_file: str = ""
@@ -141,6 +144,7 @@ class Settings:
         positive = (
             "torch_threads",
             "max_message_bytes",
+            "control_max_message_bytes",
             "max_batch_size",
             "max_queue_size",
             "max_upload_bytes",

@@ -44,7 +44,9 @@ def authenticator_for(settings: Settings) -> Authenticator:
 
 
 class ServiceHost:
-    def __init__(self, settings: Settings, name: str, port: int) -> None:
+    def __init__(self, settings: Settings, name: str, port: int, max_receive_bytes: int = 0) -> None:
+        """``max_receive_bytes``: the largest request message (0: MODELFLEET_MAX_MESSAGE_BYTES);
+        gRPC refuses a bigger one with RESOURCE_EXHAUSTED before the servicer sees it."""
         self.settings = settings
         self.name = name
         self.port = port
@@ -62,7 +64,7 @@ class ServiceHost:
         self._down: set[str] = set()
         self._monitor: asyncio.Task[None] | None = None
         options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", max_receive_bytes or settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
             # Accept client keepalive pings every 10 s so long streams survive idle proxies.

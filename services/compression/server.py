@@ -25,7 +25,7 @@ async def build(settings: Settings) -> ServiceHost:
     submitter = CompressionSubmitter(
         queue, ModelRegistry(client, settings.redis_prefix), DatasetCatalog(client, settings.redis_prefix)
     )
-    host = ServiceHost(settings, "compression", settings.compression_port)
+    host = ServiceHost(settings, "compression", settings.compression_port, settings.control_max_message_bytes)
     # Nothing this service answers works without Redis: NOT_SERVING while it is down.
     host.depends_on("redis", client.ping)
     host.add(

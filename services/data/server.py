@@ -24,7 +24,7 @@ async def build(settings: Settings) -> ServiceHost:
         DatasetCatalog(client, settings.redis_prefix),
         settings.max_upload_bytes,
     )
-    host = ServiceHost(settings, "data", settings.data_port)
+    host = ServiceHost(settings, "data", settings.data_port, settings.control_max_message_bytes)
     # Nothing this service answers works without Redis: NOT_SERVING while it is down.
     host.depends_on("redis", client.ping)
     host.add(

@@ -23,7 +23,7 @@ async def build(settings: Settings) -> ServiceHost:
     await asyncio.to_thread(wait_for_redis, client)
     queue = JobQueue(client, settings)
     submitter = TrainingSubmitter(queue, DatasetCatalog(client, settings.redis_prefix))
-    host = ServiceHost(settings, "training", settings.training_port)
+    host = ServiceHost(settings, "training", settings.training_port, settings.control_max_message_bytes)
     # Nothing this service answers works without Redis: NOT_SERVING while it is down.
     host.depends_on("redis", client.ping)
     host.add(

@@ -229,15 +229,53 @@ async def test_messages_over_max_message_bytes_are_refused(
 ) -> None:
     from services.data import server as data_server
 
-    small = auth_settings.replace(max_message_bytes=64 * 1024)
+    small = auth_settings.replace(max_message_bytes=64 * 1024, control_max_message_bytes=32 * 1024)
     host = await data_server.build(small)
     port = await host.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = data_pb2_grpc.DataServiceStub(channel)
-            request = data_pb2.GetDatasetRequest(name="x" * (small.max_message_bytes + 1))
+            request = data_pb2.GetDatasetRequest(name="x" * (small.control_max_message_bytes + 1))
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.GetDataset(request, metadata=ADMIN, timeout=10)
     finally:
         await host.stop(0)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_control_plane_servers_take_small_messages_and_inference_large(
+    fleet: dict[str, str], auth_settings: Settings
+) -> None:
+    """Data, training and compression take specs and upload chunks, never tensors:
+    a message over MODELFLEET_CONTROL_MAX_MESSAGE_BYTES (16 MiB) is refused before
+    their servicers run; inference still takes MODELFLEET_MAX_MESSAGE_BYTES."""
+    from common.api.inference import grpc_predict_v2_pb2 as pb
+    from common.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+    from common.api.modelfleet.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+
+    big = "x" * (auth_settings.control_max_message_bytes + 1)
+    calls = {
+        "modelfleet.data.v1.DataService": lambda ch: data_pb2_grpc.DataServiceStub(ch).GetDataset(
+            data_pb2.GetDatasetRequest(name=big), metadata=ADMIN, timeout=30
+        ),
+        "modelfleet.jobs.v1.JobService": lambda ch: jobs_pb2_grpc.JobServiceStub(ch).GetJob(
+            jobs_pb2.GetJobRequest(job_id=big), metadata=ADMIN, timeout=30
+        ),
+        "inference.GRPCInferenceService": lambda ch: pb_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(
+            pb.ModelMetadataRequest(name=big), metadata=ADMIN, timeout=30
+        ),
+    }
+    codes = {}
+    for service, call in calls.items():
+        async with grpc.aio.insecure_channel(
+            fleet[service], options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        ) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(channel)
+            codes[service] = err.value.code()
+    assert codes == {
+        "modelfleet.data.v1.DataService": grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "modelfleet.jobs.v1.JobService": grpc.StatusCode.RESOURCE_EXHAUSTED,
+        # Received whole, then answered for what it says: no such model.
+        "inference.GRPCInferenceService": grpc.StatusCode.NOT_FOUND,
+    }
