@@ -18,6 +18,7 @@ import torch
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore, ArtifactWriter
+from common.datatypes import NUMPY
 from common.errors import Cancelled, FailedPrecondition, InvalidArgument, ModelfleetError
 from common.models.loading import LoadedModel, first_line, load_exported_program, load_model, mlp_tensor_specs
 from common.models.mlp import is_normalized, validate_mlp
@@ -28,14 +29,6 @@ from services.inference.codec import Signature, batch_tensor, output_array, outp
 
 log = logging.getLogger(__name__)
 
-# Open Inference Protocol tensor datatypes.
-DATATYPES = frozenset(
-    {
-        *("BOOL", "UINT8", "UINT16", "UINT32", "UINT64"),
-        *("INT8", "INT16", "INT32", "INT64"),
-        *("FP16", "FP32", "FP64", "BF16", "BYTES"),
-    }
-)
 # Formats whose artifact holds only weights, so the header must carry the architecture.
 _NEEDS_ARCHITECTURE = (registry_pb2.MODEL_FORMAT_SAFETENSORS, registry_pb2.MODEL_FORMAT_COMPRESSED)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -74,9 +67,12 @@ def check_header(header: registry_pb2.UploadModelHeader) -> None:
 def _check_spec(spec: model_pb2.TensorSpec, where: str) -> None:
     if not spec.name:
         raise InvalidArgument(f"{where}.name is required")
-    if spec.datatype not in DATATYPES:
+    if spec.datatype not in NUMPY:
+        # One table for upload, codec and CLI: UINT16/32/64 and BYTES exist in the
+        # protocol, but a torch model cannot take them, so no replica could serve them.
         raise InvalidArgument(
-            f"{where}.datatype {spec.datatype!r} is not an Open Inference Protocol datatype"
+            f"{where}.datatype {spec.datatype!r} is not one this server serves "
+            f"(one of {', '.join(sorted(NUMPY))})"
         )
     if any(dim < -1 or dim == 0 for dim in spec.shape):
         raise InvalidArgument(f"{where}.shape {list(spec.shape)} must hold positive sizes or -1")
@@ -284,4 +280,4 @@ def _model_references(registry: ModelRegistry, name: str, digest: str) -> bool:
             return False
 
 
-__all__ = ["DATATYPES", "ModelUpload", "candidate_version", "check_header", "first_header"]
+__all__ = ["ModelUpload", "candidate_version", "check_header", "first_header"]

@@ -104,6 +104,20 @@ def test_header_checks_architecture_specs_and_normalization() -> None:
         first_header(registry_pb2.UploadModelRequest(chunk=b"x"))
 
 
+@pytest.mark.parametrize("datatype", ["UINT16", "UINT32", "UINT64", "BYTES", "fp32", ""])
+def test_only_datatypes_a_replica_can_serve_are_accepted(datatype: str) -> None:
+    header = registry_pb2.UploadModelHeader(
+        name="ts",
+        format=registry_pb2.MODEL_FORMAT_TORCHSCRIPT,
+        inputs=[model_pb2.TensorSpec(name="x", datatype=datatype, shape=[-1, 4])],
+        outputs=[model_pb2.TensorSpec(name="y", datatype="FP32", shape=[-1, 2])],
+    )
+    with pytest.raises(
+        InvalidArgument, match=r"header\.inputs\[0\]\.datatype .* is not one this server serves"
+    ):
+        check_header(header)
+
+
 def test_garbage_registers_nothing_and_leaves_no_bytes(store: ArtifactStore, registry: ModelRegistry) -> None:
     with pytest.raises(InvalidArgument, match="not a loadable MODEL_FORMAT_SAFETENSORS"):
         upload(mlp_header(), b"not a model at all" * 10, store, registry)
