@@ -11,7 +11,7 @@ import time
 
 from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.errors import InvalidArgument
-from services.inference import codec
+from services.inference import classification, codec
 from services.inference.repository import ModelRepository
 
 
@@ -27,12 +27,15 @@ class InferenceEngine:
         signature = served.signature
         arrays, rows = signature.decode(request, self._reject_nan)
         outputs = signature.requested_outputs(request)
+        counts = classification.requested_counts(request)
         priority, deadline_ns = _scheduling(request, time_remaining_s)
         if rows == 0 and signature.batchable:
             # Nothing to compute, and nothing a batch could wait on: empty outputs now.
             outs = codec.empty_outputs(served.model.outputs, outputs)
         else:
             outs = await served.batcher.submit(arrays, rows, outputs, priority, deadline_ns)
+        if counts:
+            outs = classification.classify(outs, counts, served.record.class_names)
         return codec.response(request, served.name, served.version, outs)
 
 

@@ -19,7 +19,7 @@ from services.inference.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("model_repository", "statistics")
+EXTENSIONS = ("classification", "model_repository", "statistics")
 
 
 def _server_version() -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.api.inference import grpc_predict_v2_pb2 as pb
+from common.api.modelfleet.registry.v1 import registry_pb2 as pb_registry
 from common.artifacts import ArtifactStore
 from common.registry import ModelRegistry
 from tests.inference.conftest import register_mlp
@@ -90,3 +91,73 @@ async def test_tritonclient(serve, registry: ModelRegistry, store: ArtifactStore
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.array(result["output"], dtype=np.float32), expected, rtol=1e-5, atol=1e-6)
+
+
+TRITON_CLASSIFY = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+client = triton.InferenceServerClient(url=sys.argv[1])
+x = np.array(json.loads(sys.argv[2]), dtype=np.float32)
+infer_input = triton.InferInput("input", list(x.shape), "FP32")
+infer_input.set_data_from_numpy(x)
+wanted = triton.InferRequestedOutput("output", class_count=int(sys.argv[3]))
+result = client.infer(sys.argv[4], [infer_input], outputs=[wanted])
+print(json.dumps([[s.decode() for s in row] for row in result.as_numpy("output")]))
+"""
+
+
+async def test_tritonclient_classification_extension(
+    serve, registry: ModelRegistry, store: ArtifactStore
+) -> None:
+    """class_count=k answers the top-k classes per row as 'score:index:label', as Triton does."""
+    version, model = register_mlp(registry, store, "iris")
+    named = pb_registry.ModelVersion()
+    named.CopyFrom(version)
+    named.ClearField("version")
+    named.class_names[:] = ["setosa", "versicolor", "virginica"]
+    registry.register(named)
+    register_mlp(registry, store, "plain")
+    x = np.random.default_rng(2).standard_normal((4, 4)).astype(np.float32)
+
+    async def classify(name: str, k: int) -> list[list[str]]:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            TRITON_CLASSIFY,
+            srv.address,
+            json.dumps(x.tolist()),
+            str(k),
+            name,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+        assert child.returncode == 0, err.decode()
+        parsed: list[list[str]] = json.loads(out)
+        return parsed
+
+    async with serve() as srv:
+        top2 = await classify("iris", 2)
+        unnamed = await classify("plain", 5)  # k past the class count gives every class
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            bad = pb.ModelInferRequest.InferRequestedOutputTensor(name="output")
+            bad.parameters["classification"].int64_param = 0
+            await srv.stub.ModelInfer(
+                pb.ModelInferRequest(
+                    model_name="iris",
+                    inputs=REQUEST.inputs,
+                    raw_input_contents=REQUEST.raw_input_contents,
+                    outputs=[bad],
+                )
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "classification" in (
+            info.value.details() or ""
+        )
+    with torch.no_grad():
+        scores = model(torch.from_numpy(x)).numpy()
+    for row, answer in zip(scores, top2, strict=True):
+        order = np.argsort(-row, kind="stable")[:2]
+        assert [a.split(":")[1:] for a in answer] == [[str(i), named.class_names[i]] for i in order]
+        assert [float(a.split(":")[0]) for a in answer] == pytest.approx(row[order].tolist(), abs=1e-5)
+    assert all(len(r) == 3 and all(len(a.split(":")) == 2 for a in r) for r in unnamed)

@@ -47,7 +47,7 @@ async def test_every_rpc(serve, registry: ModelRegistry, store: ArtifactStore) -
         assert not (await stub.ModelReady(pb.ModelReadyRequest(name="iris", version="7"))).ready
         meta = await stub.ServerMetadata(pb.ServerMetadataRequest())
         assert meta.name == "modelfleet"
-        assert {"model_repository", "statistics"} <= set(meta.extensions)
+        assert {"classification", "model_repository", "statistics"} <= set(meta.extensions)
         mm = await stub.ModelMetadata(pb.ModelMetadataRequest(name="iris"))
         assert mm.platform == "pytorch_safetensors"
         assert list(mm.versions) == ["1"]
