@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from typing import Any
 
 import grpc
 import numpy as np
@@ -68,22 +69,21 @@ print(json.dumps({
 """
 
 
+async def run_client(script: str, *args: str) -> object:
+    """Run a tritonclient script in a child process; its JSON output."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    assert child.returncode == 0, err.decode()
+    return json.loads(out)
+
+
 async def test_tritonclient(serve, registry: ModelRegistry, store: ArtifactStore) -> None:
     _, model = register_mlp(registry, store, "m")
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     async with serve() as srv:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            TRITON_CLIENT,
-            srv.address,
-            json.dumps(x.tolist()),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(child.communicate(), timeout=60)
-        assert child.returncode == 0, err.decode()
-    result = json.loads(out)
+        result: Any = await run_client(TRITON_CLIENT, srv.address, json.dumps(x.tolist()))
     assert result["ready"] and result["live"] and result["id"] == "t1"
     assert result["metadata"]["platform"] == "pytorch_safetensors"
     assert result["metadata"]["inputs"][0]["name"] == "input"
@@ -120,22 +120,8 @@ async def test_tritonclient_classification_extension(
     register_mlp(registry, store, "plain")
     x = np.random.default_rng(2).standard_normal((4, 4)).astype(np.float32)
 
-    async def classify(name: str, k: int) -> list[list[str]]:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            TRITON_CLASSIFY,
-            srv.address,
-            json.dumps(x.tolist()),
-            str(k),
-            name,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(child.communicate(), timeout=60)
-        assert child.returncode == 0, err.decode()
-        parsed: list[list[str]] = json.loads(out)
-        return parsed
+    async def classify(name: str, k: int) -> Any:
+        return await run_client(TRITON_CLASSIFY, srv.address, json.dumps(x.tolist()), str(k), name)
 
     async with serve() as srv:
         top2 = await classify("iris", 2)
