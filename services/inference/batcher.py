@@ -325,7 +325,8 @@ class Batcher:
                 self.stats.record_failure(now - work.enqueued_ns)
             deliver([(w.future, exc) for w in batch])
             return
-        deliver(results)
+        # Recorded before the answers go out: a client that reads the statistics
+        # right after its response must find its batch counted.
         self.stats.record_batch(
             BatchTiming(
                 rows=rows,
@@ -336,6 +337,7 @@ class Batcher:
                 output_ns=done - inferred,
             )
         )
+        deliver(results)
 
     def _forward(self, inputs: list[torch.Tensor], rows: int) -> object:
         """The module's result; its failures as the status the caller should see:
