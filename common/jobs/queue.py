@@ -82,9 +82,8 @@ class JobQueue:
         self.transitions = Transitions(client)
         self._submit = client.register_script(_SUBMIT)
 
-    def submit(self, job: jobs_pb2.Job) -> jobs_pb2.Job:
-        """Store ``job`` as QUEUED and enqueue it. A request_id this caller already used for
-        this kind returns that job when the spec and options match, else AlreadyExists."""
+    def check(self, job: jobs_pb2.Job) -> None:
+        """What ``submit`` refuses before storing anything (InvalidArgument naming the field)."""
         kind_name(job.kind)
         spec = job.WhichOneof("spec")
         if spec != _SPEC_OF_KIND[job.kind]:
@@ -95,6 +94,12 @@ class JobQueue:
             raise InvalidArgument(f"max_attempts must be >= 0, not {job.max_attempts}")
         if len(job.request_id) > _MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {_MAX_REQUEST_ID} characters")
+        self.keys.stream(job.kind, job.priority)  # refuses an unknown priority
+
+    def submit(self, job: jobs_pb2.Job) -> jobs_pb2.Job:
+        """Store ``job`` as QUEUED and enqueue it. A request_id this caller already used for
+        this kind returns that job when the spec and options match, else AlreadyExists."""
+        self.check(job)
         stream = self.keys.stream(job.kind, job.priority)
         fingerprint = _fingerprint(job)
         record = jobs_pb2.Job()

@@ -1,10 +1,13 @@
 """``modelfleet submit FILE.yaml``: validate a job file, submit its jobs, optionally wait.
 
 The whole file is validated before anything is submitted (errors as
-``FILE:LINE: message``, see :mod:`services.cli.jobfile`). Exit codes: 0 every
-job was submitted (with ``--wait``: every job SUCCEEDED); 1 a server refused a
-job, or (``--wait``) a job FAILED or was CANCELLED; 2 the file is invalid;
-3 (``--wait``) a watch broke off before its job finished.
+``FILE:LINE: message``, see :mod:`services.cli.jobfile`). ``--check`` also asks
+the servers to check every job without queueing it (``validate_only``: dataset
+and model existence, budgets), unless they are unreachable, which it says.
+Exit codes: 0 every job was submitted (with ``--wait``: every job SUCCEEDED;
+with ``--check``: every job is valid); 1 a server refused a job, or (``--wait``)
+a job FAILED or was CANCELLED; 2 the file is invalid (with ``--check``: a server
+would refuse a job); 3 (``--wait``) a watch broke off before its job finished.
 """
 
 from __future__ import annotations
@@ -62,12 +65,6 @@ def _submit(args: argparse.Namespace) -> int:
         for error in exc.errors:
             print(f"modelfleet: {error}", file=sys.stderr)
         return EXIT_INVALID
-    if args.check:
-        if args.output == "json":
-            print_json({"file": str(args.file), "valid": True, "jobs": len(jobs)})
-        else:
-            print(f"{args.file}: {len(jobs)} valid job(s)")
-        return 0
     settings = Settings.from_env()
     metadata = call_metadata(settings)
     targets = {
@@ -76,6 +73,8 @@ def _submit(args: argparse.Namespace) -> int:
     }
     channels = {kind: connect(target, settings) for kind, target in targets.items()}
     try:
+        if args.check:
+            return _check_all(args.file, jobs, channels, metadata, args.output == "json")
         submitted = _submit_all(jobs, channels, metadata)
         if submitted is None:
             return EXIT_REFUSED_OR_FAILED
@@ -90,6 +89,60 @@ def _submit(args: argparse.Namespace) -> int:
             channel.close()
 
 
+def _send(
+    job: jobfile.Job, channels: dict[str, grpc.Channel], metadata: list[tuple[str, str]]
+) -> jobs_pb2.Job:
+    if isinstance(job.request, training_pb2.SubmitTrainingJobRequest):
+        stub = training_pb2_grpc.TrainingServiceStub(channels["training"])
+        return stub.SubmitTrainingJob(job.request, metadata=metadata, timeout=SUBMIT_TIMEOUT_S).job
+    cstub = compression_pb2_grpc.CompressionServiceStub(channels["compression"])
+    return cstub.SubmitCompressionJob(job.request, metadata=metadata, timeout=SUBMIT_TIMEOUT_S).job
+
+
+def _check_all(
+    path: Path,
+    jobs: list[jobfile.Job],
+    channels: dict[str, grpc.Channel],
+    metadata: list[tuple[str, str]],
+    as_json: bool,
+) -> int:
+    """Have the servers check every job (queueing nothing); report per line."""
+    errors: list[str] = []
+    unchecked: list[str] = []
+    for job in jobs:
+        job.request.validate_only = True
+        try:
+            _send(job, channels, metadata)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                unchecked.append(
+                    f"{path}:{job.line}: not checked by the {job.kind} service: {exc.code().name}"
+                )
+            else:
+                errors.append(f"{path}:{job.line}: {exc.code().name}: {exc.details()}")
+    if as_json:
+        print_json(
+            {
+                "file": str(path),
+                "valid": not errors,
+                "jobs": len(jobs),
+                "errors": errors,
+                "unchecked": unchecked,
+            }
+        )
+    else:
+        for line in [*errors, *unchecked]:
+            print(f"modelfleet: {line}", file=sys.stderr)
+        verdict = (
+            f"{len(jobs) - len(errors)} of {len(jobs)} job(s) valid"
+            if errors
+            else f"{len(jobs)} valid job(s)"
+        )
+        scope = " (file only for the unchecked ones)" if unchecked else ""
+        print(f"{path}: {verdict}{scope}")
+    return EXIT_INVALID if errors else 0
+
+
 def _submit_all(
     jobs: list[jobfile.Job], channels: dict[str, grpc.Channel], metadata: list[tuple[str, str]]
 ) -> list[jobs_pb2.Job] | None:
@@ -99,12 +152,7 @@ def _submit_all(
         if not job.request.request_id:
             job.request.request_id = uuid.uuid4().hex
         try:
-            if isinstance(job.request, training_pb2.SubmitTrainingJobRequest):
-                stub = training_pb2_grpc.TrainingServiceStub(channels["training"])
-                reply = stub.SubmitTrainingJob(job.request, metadata=metadata, timeout=SUBMIT_TIMEOUT_S)
-            else:
-                cstub = compression_pb2_grpc.CompressionServiceStub(channels["compression"])
-                reply = cstub.SubmitCompressionJob(job.request, metadata=metadata, timeout=SUBMIT_TIMEOUT_S)
+            queued = _send(job, channels, metadata)
         except grpc.RpcError as exc:
             print(
                 f"modelfleet: job at line {job.line} refused: {exc.code().name}: {exc.details()}",
@@ -113,7 +161,7 @@ def _submit_all(
             if submitted:
                 print(f"modelfleet: already queued: {' '.join(j.id for j in submitted)}", file=sys.stderr)
             return None
-        submitted.append(reply.job)
+        submitted.append(queued)
     return submitted
 
 

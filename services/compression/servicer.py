@@ -18,5 +18,8 @@ class CompressionServicer(compression_pb2_grpc.CompressionServiceServicer):
         self, request: compression_pb2.SubmitCompressionJobRequest, context: grpc.aio.ServicerContext
     ) -> compression_pb2.SubmitCompressionJobResponse:
         # Redis calls are blocking: keep them off the event loop.
+        if request.validate_only:
+            await asyncio.to_thread(self._submitter.check, request)
+            return compression_pb2.SubmitCompressionJobResponse()
         job = await asyncio.to_thread(self._submitter.submit, request)
         return compression_pb2.SubmitCompressionJobResponse(job=job)

@@ -18,7 +18,16 @@ class CompressionSubmitter:
         self.registry = registry
         self.catalog = catalog
 
+    def check(self, request: compression_pb2.SubmitCompressionJobRequest) -> None:
+        """Everything ``submit`` checks, queueing nothing (``validate_only``)."""
+        self.queue.check(self._job(request))
+
     def submit(self, request: compression_pb2.SubmitCompressionJobRequest) -> jobs_pb2.Job:
+        """Queue a compression job pinned to the versions resolved now."""
+        return self.queue.submit(self._job(request))
+
+    def _job(self, request: compression_pb2.SubmitCompressionJobRequest) -> jobs_pb2.Job:
+        """The validated, pinned job a submit would queue."""
         if request.max_attempts < 0:
             raise InvalidArgument(f"max_attempts must be >= 0, got {request.max_attempts}")
         if request.priority not in jobs_pb2.Priority.values():
@@ -33,4 +42,4 @@ class CompressionSubmitter:
         # The pinned spec: the job compresses exactly the version validated here,
         # even if an alias moves before a worker picks it up.
         job.compression.CopyFrom(resolved.spec)
-        return self.queue.submit(job)
+        return job

@@ -18,5 +18,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: training_pb2.SubmitTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> training_pb2.SubmitTrainingJobResponse:
         # Redis calls are blocking; keep them off the event loop.
+        if request.validate_only:
+            await asyncio.to_thread(self._submitter.check, request)
+            return training_pb2.SubmitTrainingJobResponse()
         job = await asyncio.to_thread(self._submitter.submit, request)
         return training_pb2.SubmitTrainingJobResponse(job=job)

@@ -20,9 +20,26 @@ class TrainingSubmitter:
         self.queue = queue
         self.catalog = catalog
 
+    def check(self, request: training_pb2.SubmitTrainingJobRequest) -> None:
+        """Everything ``submit`` checks, queueing nothing (``validate_only``)."""
+        self.queue.check(self._job(request))
+
     def submit(self, request: training_pb2.SubmitTrainingJobRequest) -> jobs_pb2.Job:
         """Queue a training job whose spec is validated, defaulted and pinned to
         the dataset version that exists now (so a later version cannot change it)."""
+        job = self._job(request)
+        queued = self.queue.submit(job)
+        log.info(
+            "training job queued",
+            extra={
+                "job_id": queued.id,
+                "dataset": f"{job.training.dataset_name}:{job.training.dataset_version}",
+            },
+        )
+        return queued
+
+    def _job(self, request: training_pb2.SubmitTrainingJobRequest) -> jobs_pb2.Job:
+        """The validated, pinned job a submit would queue."""
         if request.max_attempts < 0:
             raise InvalidArgument(f"max_attempts must be >= 0 (0: the default), got {request.max_attempts}")
         if request.priority not in jobs_pb2.Priority.values():
@@ -38,9 +55,4 @@ class TrainingSubmitter:
             max_attempts=request.max_attempts,
         )
         job.training.CopyFrom(spec)
-        queued = self.queue.submit(job)
-        log.info(
-            "training job queued",
-            extra={"job_id": queued.id, "dataset": f"{spec.dataset_name}:{spec.dataset_version}"},
-        )
-        return queued
+        return job

@@ -26,7 +26,7 @@ from common.api.modelfleet.compression.v1 import compression_spec_pb2 as modelfl
 from common.api.modelfleet.jobs.v1 import jobs_pb2 as modelfleet_dot_jobs_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+modelfleet/compression/v1/compression.proto\x12\x19modelfleet.compression.v1\x1a\x30modelfleet/compression/v1/compression_spec.proto\x1a\x1dmodelfleet/jobs/v1/jobs.proto\"\xb1\x01\n\x1bSubmitCompressionJobRequest\x12\x38\n\x04spec\x18\x01 \x01(\x0b\x32*.modelfleet.compression.v1.CompressionSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x08priority\x18\x03 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.Priority\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\"D\n\x1cSubmitCompressionJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job2\xa0\x01\n\x12\x43ompressionService\x12\x89\x01\n\x14SubmitCompressionJob\x12\x36.modelfleet.compression.v1.SubmitCompressionJobRequest\x1a\x37.modelfleet.compression.v1.SubmitCompressionJobResponse\"\x00\x42QZOgithub.com/modelfleet/modelfleet/gen/go/modelfleet/compression/v1;compressionv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+modelfleet/compression/v1/compression.proto\x12\x19modelfleet.compression.v1\x1a\x30modelfleet/compression/v1/compression_spec.proto\x1a\x1dmodelfleet/jobs/v1/jobs.proto\"\xc8\x01\n\x1bSubmitCompressionJobRequest\x12\x38\n\x04spec\x18\x01 \x01(\x0b\x32*.modelfleet.compression.v1.CompressionSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x08priority\x18\x03 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.Priority\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\"D\n\x1cSubmitCompressionJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job2\xa0\x01\n\x12\x43ompressionService\x12\x89\x01\n\x14SubmitCompressionJob\x12\x36.modelfleet.compression.v1.SubmitCompressionJobRequest\x1a\x37.modelfleet.compression.v1.SubmitCompressionJobResponse\"\x00\x42QZOgithub.com/modelfleet/modelfleet/gen/go/modelfleet/compression/v1;compressionv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZOgithub.com/modelfleet/modelfleet/gen/go/modelfleet/compression/v1;compressionv1'
   _globals['_SUBMITCOMPRESSIONJOBREQUEST']._serialized_start=156
-  _globals['_SUBMITCOMPRESSIONJOBREQUEST']._serialized_end=333
-  _globals['_SUBMITCOMPRESSIONJOBRESPONSE']._serialized_start=335
-  _globals['_SUBMITCOMPRESSIONJOBRESPONSE']._serialized_end=403
-  _globals['_COMPRESSIONSERVICE']._serialized_start=406
-  _globals['_COMPRESSIONSERVICE']._serialized_end=566
+  _globals['_SUBMITCOMPRESSIONJOBREQUEST']._serialized_end=356
+  _globals['_SUBMITCOMPRESSIONJOBRESPONSE']._serialized_start=358
+  _globals['_SUBMITCOMPRESSIONJOBRESPONSE']._serialized_end=426
+  _globals['_COMPRESSIONSERVICE']._serialized_start=429
+  _globals['_COMPRESSIONSERVICE']._serialized_end=589
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,7 @@ class SubmitCompressionJobRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the client; optional. Scoped to the caller and
     the job kind. Reused with the same spec, priority and max_attempts it returns
@@ -36,6 +37,11 @@ class SubmitCompressionJobRequest(_message.Message):
     priority: _jobs_pb2.Priority.ValueType
     max_attempts: _builtins.int
     """Attempts before the job is dead-lettered (default 3)."""
+    validate_only: _builtins.bool
+    """Check everything a submit checks (the spec, that its dataset and model
+    exist, the budget, the options) and queue nothing: the response's job is
+    then unset, and a refusal is the same status a submit would get.
+    """
     @_builtins.property
     def spec(self) -> _compression_spec_pb2.CompressionSpec: ...
     def __init__(
@@ -45,10 +51,11 @@ class SubmitCompressionJobRequest(_message.Message):
         request_id: _builtins.str = ...,
         priority: _jobs_pb2.Priority.ValueType = ...,
         max_attempts: _builtins.int = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "priority", b"priority", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "priority", b"priority", "request_id", b"request_id", "spec", b"spec", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

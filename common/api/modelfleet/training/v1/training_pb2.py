@@ -26,7 +26,7 @@ from common.api.modelfleet.jobs.v1 import jobs_pb2 as modelfleet_dot_jobs_dot_v1
 from common.api.modelfleet.training.v1 import training_spec_pb2 as modelfleet_dot_training_dot_v1_dot_training__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%modelfleet/training/v1/training.proto\x12\x16modelfleet.training.v1\x1a\x1dmodelfleet/jobs/v1/jobs.proto\x1a*modelfleet/training/v1/training_spec.proto\"\xa8\x01\n\x18SubmitTrainingJobRequest\x12\x32\n\x04spec\x18\x01 \x01(\x0b\x32$.modelfleet.training.v1.TrainingSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x08priority\x18\x03 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.Priority\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\"A\n\x19SubmitTrainingJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job2\x8d\x01\n\x0fTrainingService\x12z\n\x11SubmitTrainingJob\x12\x30.modelfleet.training.v1.SubmitTrainingJobRequest\x1a\x31.modelfleet.training.v1.SubmitTrainingJobResponse\"\x00\x42KZIgithub.com/modelfleet/modelfleet/gen/go/modelfleet/training/v1;trainingv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%modelfleet/training/v1/training.proto\x12\x16modelfleet.training.v1\x1a\x1dmodelfleet/jobs/v1/jobs.proto\x1a*modelfleet/training/v1/training_spec.proto\"\xbf\x01\n\x18SubmitTrainingJobRequest\x12\x32\n\x04spec\x18\x01 \x01(\x0b\x32$.modelfleet.training.v1.TrainingSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x08priority\x18\x03 \x01(\x0e\x32\x1c.modelfleet.jobs.v1.Priority\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\"A\n\x19SubmitTrainingJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.modelfleet.jobs.v1.Job2\x8d\x01\n\x0fTrainingService\x12z\n\x11SubmitTrainingJob\x12\x30.modelfleet.training.v1.SubmitTrainingJobRequest\x1a\x31.modelfleet.training.v1.SubmitTrainingJobResponse\"\x00\x42KZIgithub.com/modelfleet/modelfleet/gen/go/modelfleet/training/v1;trainingv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZIgithub.com/modelfleet/modelfleet/gen/go/modelfleet/training/v1;trainingv1'
   _globals['_SUBMITTRAININGJOBREQUEST']._serialized_start=141
-  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_end=309
-  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_start=311
-  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_end=376
-  _globals['_TRAININGSERVICE']._serialized_start=379
-  _globals['_TRAININGSERVICE']._serialized_end=520
+  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_end=332
+  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_start=334
+  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_end=399
+  _globals['_TRAININGSERVICE']._serialized_start=402
+  _globals['_TRAININGSERVICE']._serialized_end=543
 # @@protoc_insertion_point(module_scope)
