@@ -326,17 +326,23 @@ class Batcher:
             deliver([(w.future, exc) for w in batch])
             return
         # Recorded before the answers go out: a client that reads the statistics
-        # right after its response must find its batch counted.
-        self.stats.record_batch(
-            BatchTiming(
-                rows=rows,
-                request_ns=[done - w.enqueued_ns for w in batch],
-                queue_ns=[start - w.enqueued_ns for w in batch],
-                input_ns=ready - start,
-                infer_ns=inferred - ready,
-                output_ns=done - inferred,
+        # right after its response must find its batch counted. Bookkeeping that
+        # fails must not fail answers already computed.
+        try:
+            self.stats.record_batch(
+                BatchTiming(
+                    rows=rows,
+                    request_ns=[done - w.enqueued_ns for w in batch],
+                    queue_ns=[start - w.enqueued_ns for w in batch],
+                    input_ns=ready - start,
+                    infer_ns=inferred - ready,
+                    output_ns=done - inferred,
+                )
             )
-        )
+        except Exception:
+            log.exception(
+                "batch statistics not recorded", extra={"model": self.name, "version": self.version}
+            )
         deliver(results)
 
     def _forward(self, inputs: list[torch.Tensor], rows: int) -> object:
