@@ -90,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = command("create", "create a dataset from a built-in source")
     p.add_argument("name")
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
+    p.add_argument("--images", action="store_true", help="the source as images (digits: 1x8x8)")
     p.add_argument("--samples", type=int, default=0, help="synthetic: rows (default 10000)")
     p.add_argument("--features", type=int, default=0, help="synthetic: features (default 1000)")
     p.add_argument("--noise", type=float, default=0.0, help="synthetic: noise std (default 0.1)")
@@ -102,6 +103,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="dataset name (default: the file's stem)")
     p.add_argument("--label", default="", help="label column (name; an index for .npy)")
     p.add_argument("--no-header", action="store_true", help="CSV: the first line is data")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NPY/NPZ images are N x H x W x C (default N x C x H x W)",
+    )
     p.add_argument(
         "--missing",
         action="append",
@@ -169,6 +175,7 @@ def _show_version(args: argparse.Namespace, v: data_pb2.DatasetVersion) -> int:
         ("task", data_pb2.DatasetTask.Name(v.task)),
         ("rows", v.num_rows),
         ("features", v.num_features),
+        ("example shape", "x".join(map(str, v.example_shape)) or "-"),
         ("classes", ", ".join(v.class_names) or "-"),
         ("splits", splits),
         ("normalization", model_pb2.NormalizationKind.Name(v.normalization.kind)),
@@ -252,6 +259,7 @@ def _create(args: argparse.Namespace) -> int:
     request = data_pb2.CreateDatasetFromSourceRequest(
         name=args.name,
         source=SOURCES[args.source],
+        images=args.images,
         synthetic=data_pb2.SyntheticRegression(
             n_samples=args.samples, n_features=args.features, noise=args.noise, seed=args.seed
         ),
@@ -281,6 +289,7 @@ def _upload(args: argparse.Namespace) -> int:
         label_column=args.label,
         csv_has_header=not args.no_header,
         csv_missing_values=args.missing,
+        channels_last=args.channels_last,
         task=TASKS[args.task],
         description=args.description,
         total_size_bytes=os.path.getsize(path),

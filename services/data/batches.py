@@ -6,6 +6,7 @@ reconnects with ``start_offset`` continues exactly where it stopped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,11 +30,16 @@ class BatchPlan:
     order: np.ndarray  # row indices in streaming order
     batch_size: int
     start: int
+    example_shape: tuple[int, ...]  # of one row, as the dataset version records it
 
 
 def plan(
-    rows: int, num_features: int, request: data_pb2.StreamBatchesRequest, max_message_bytes: int
+    rows: int,
+    example_shape: tuple[int, ...],
+    request: data_pb2.StreamBatchesRequest,
+    max_message_bytes: int,
 ) -> BatchPlan:
+    num_features = math.prod(example_shape)
     size = request.batch_size or DEFAULT_BATCH
     if not 0 < size <= MAX_BATCH:
         raise InvalidArgument(f"batch_size must be in 1..{MAX_BATCH}, not {request.batch_size}")
@@ -48,7 +54,9 @@ def plan(
     if request.seed < 0:
         raise InvalidArgument(f"seed must be >= 0, not {request.seed}")
     order = np.random.default_rng(request.seed).permutation(rows) if request.shuffle else np.arange(rows)
-    return BatchPlan(order=order, batch_size=size, start=int(request.start_offset))
+    return BatchPlan(
+        order=order, batch_size=size, start=int(request.start_offset), example_shape=example_shape
+    )
 
 
 def offsets(batch_plan: BatchPlan) -> Iterator[int]:
@@ -62,7 +70,11 @@ def make_batch(
     rows = batch_plan.order[offset : offset + batch_plan.batch_size]
     x = np.ascontiguousarray(features[rows], dtype="<f4")
     out = data_pb2.StreamBatchesResponse(
-        offset=offset, rows=len(rows), num_features=int(features.shape[1]), features=x.tobytes()
+        offset=offset,
+        rows=len(rows),
+        num_features=int(features.shape[1]),
+        features=x.tobytes(),
+        example_shape=batch_plan.example_shape,
     )
     if labels is not None:
         dtype = "<i8" if labels.dtype.kind in "iu" else "<f4"

@@ -129,12 +129,25 @@ def parse_csv(path: Path, has_header: bool, missing: frozenset[str] = DEFAULT_MI
     return RawTable(columns=columns, data=data)
 
 
-def _numeric_2d(array: np.ndarray, what: str) -> np.ndarray:
+def _examples(array: np.ndarray, what: str, channels_last: bool) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Rows of a 2-D array, or images (N x H x W, N x C x H x W, or N x H x W x C
+    with ``channels_last``) flattened to rows with their (C, H, W)."""
     if array.dtype.kind not in "biuf":
         raise InvalidArgument(f"{what} has dtype {array.dtype}; only numeric arrays are accepted")
-    if array.ndim != 2:
-        raise InvalidArgument(f"{what} must be 2-D [rows, columns], not shape {list(array.shape)}")
-    return array
+    if array.ndim == 2:
+        return array, ()
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and channels_last:
+        array = array.transpose(0, 3, 1, 2)
+    elif array.ndim != 4:
+        raise InvalidArgument(
+            f"{what} must be 2-D [rows, columns] or images [N, C, H, W], not shape {list(array.shape)}"
+        )
+    shape = tuple(int(d) for d in array.shape[1:])
+    if 0 in shape:
+        raise InvalidArgument(f"{what} has an empty image shape {list(shape)}")
+    return np.ascontiguousarray(array).reshape(len(array), -1), shape
 
 
 def _columns_for(array: np.ndarray, names: list[str]) -> list[RawColumn]:
@@ -175,14 +188,18 @@ def _load_npy(source: IO[bytes], what: str, size: int, max_bytes: int) -> np.nda
     return flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
 
 
-def parse_npy(path: Path, label_column: str, max_bytes: int) -> tuple[RawTable, str]:
-    """A 2-D array; ``label_column`` is a column index as text (or empty).
-    Returns the table and the label column's name."""
+def parse_npy(
+    path: Path, label_column: str, max_bytes: int, channels_last: bool = False
+) -> tuple[RawTable, str]:
+    """A 2-D array (``label_column`` is a column index as text, or empty) or
+    unlabelled images. Returns the table and the label column's name."""
     with path.open("rb") as source:
         array = _load_npy(source, "the .npy upload", path.stat().st_size, max_bytes)
-    array = _numeric_2d(array, "the .npy array")
+    array, shape = _examples(array, "the .npy array", channels_last)
     names = [f"c{i}" for i in range(array.shape[1])]
     label = ""
+    if label_column and shape:
+        raise InvalidArgument("label_column does not apply to .npy images; upload .npz with 'x' and 'y'")
     if label_column:
         try:
             index = int(label_column)
@@ -195,12 +212,15 @@ def parse_npy(path: Path, label_column: str, max_bytes: int) -> tuple[RawTable, 
                 f"label_column {index} is out of range: the array has {array.shape[1]} columns"
             )
         label = names[index]
-    return RawTable(columns=_columns_for(array, names), data=array.astype(np.float64)), label
+    return RawTable(
+        columns=_columns_for(array, names), data=array.astype(np.float64), example_shape=shape
+    ), label
 
 
-def parse_npz(path: Path, max_bytes: int) -> tuple[RawTable, str]:
-    """Arrays ``x`` (2-D) and optional ``y`` (1-D, one per row of x). Members may
-    decompress to at most ``max_bytes`` in total (zip bombs are refused unread)."""
+def parse_npz(path: Path, max_bytes: int, channels_last: bool = False) -> tuple[RawTable, str]:
+    """Arrays ``x`` (2-D rows or images, as for .npy) and optional ``y`` (1-D, one
+    per example). Members may decompress to at most ``max_bytes`` in total (zip
+    bombs are refused unread)."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
@@ -223,18 +243,18 @@ def parse_npz(path: Path, max_bytes: int) -> tuple[RawTable, str]:
                     arrays[name] = _load_npy(member, f".npz array {name!r}", info.file_size, max_bytes)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise InvalidArgument(f"the upload is not a valid .npz archive: {exc}") from None
-    x = _numeric_2d(arrays["x"], ".npz array 'x'")
+    x, shape = _examples(arrays["x"], ".npz array 'x'", channels_last)
     y = arrays.get("y")
     names = [f"c{i}" for i in range(x.shape[1])]
     columns = _columns_for(x, names)
     if y is None:
-        return RawTable(columns=columns, data=x.astype(np.float64)), ""
+        return RawTable(columns=columns, data=x.astype(np.float64), example_shape=shape), ""
     if y.dtype.kind not in "biuf" or y.ndim != 1:
         raise InvalidArgument(f".npz array 'y' must be 1-D numeric, not {y.dtype} shape {list(y.shape)}")
     if y.shape[0] != x.shape[0]:
         raise InvalidArgument(f".npz array 'y' has {y.shape[0]} rows but 'x' has {x.shape[0]}")
     data = np.concatenate([x.astype(np.float64), y.astype(np.float64)[:, None]], axis=1)
-    return RawTable(columns=[*columns, *_columns_for(y[:, None], ["y"])], data=data), "y"
+    return RawTable(columns=[*columns, *_columns_for(y[:, None], ["y"])], data=data, example_shape=shape), "y"
 
 
 def parse_parquet(path: Path) -> RawTable:
@@ -291,9 +311,9 @@ def parse_upload(path: Path, header: data_pb2.UploadDatasetHeader, max_bytes: in
         missing = missing_tokens(header.csv_missing_values)
         return parse_csv(path, header.csv_has_header, missing), header.label_column
     if header.format == data_pb2.DATA_FORMAT_NPY:
-        return parse_npy(path, header.label_column, max_bytes)
+        return parse_npy(path, header.label_column, max_bytes, header.channels_last)
     if header.format == data_pb2.DATA_FORMAT_NPZ:
-        return parse_npz(path, max_bytes)
+        return parse_npz(path, max_bytes, header.channels_last)
     if header.format == data_pb2.DATA_FORMAT_PARQUET:
         return parse_parquet(path), header.label_column
     raise InvalidArgument("header.format is required (CSV, NPY, NPZ or PARQUET)")

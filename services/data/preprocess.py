@@ -123,6 +123,9 @@ def _drop(table: Table, column: str) -> str:
 
 def transform(table: Table, op: data_pb2.Transform) -> str:
     kind = op.WhichOneof("op")
+    if table.example_shape and kind in ("one_hot", "drop_column"):
+        shape = list(table.example_shape)
+        raise InvalidArgument(f"{kind} does not apply to an image dataset (examples of shape {shape})")
     if kind == "cast":
         return _cast(table, op.cast)
     if kind == "one_hot":
@@ -212,6 +215,13 @@ def normalize(table: Table, kind: model_pb2.NormalizationKind.ValueType, fit_row
     if kind not in _NORMALIZE:
         return None
     fit = table.features[fit_rows].astype(np.float64)
+    if table.example_shape:
+        # Images: one shift and scale per channel, over every pixel of it.
+        fit = (
+            fit.reshape(len(fit), table.example_shape[0], -1)
+            .transpose(0, 2, 1)
+            .reshape(-1, table.example_shape[0])
+        )
     finite = np.isfinite(fit)
     count = np.maximum(finite.sum(axis=0), 1)
     if kind == model_pb2.NORMALIZATION_KIND_ZSCORE:
@@ -220,6 +230,9 @@ def normalize(table: Table, kind: model_pb2.NormalizationKind.ValueType, fit_row
     else:
         shift = np.where(finite, fit, np.inf).min(axis=0, initial=np.inf)
         scale = np.where(finite, fit, -np.inf).max(axis=0, initial=-np.inf) - shift
+    if table.example_shape:
+        pixels = math.prod(table.example_shape[1:])
+        shift, scale = np.repeat(shift, pixels), np.repeat(scale, pixels)
     shift = np.where(np.isfinite(shift), shift, 0.0)
     # A constant (or empty) column would divide by zero: leave its scale at 1.
     scale = np.where(np.isfinite(scale) & (scale > 1e-12), scale, 1.0)

@@ -121,6 +121,8 @@ class DataService:
         if request.source == data_pb2.BUILTIN_SOURCE_SYNTHETIC_REGRESSION:
             s = request.synthetic
             op += f"(n_samples={table.rows},n_features={len(table.columns)},seed={s.seed})"
+        if request.images:
+            op += f"(images {'x'.join(map(str, table.example_shape))})"
         meta.operations.append(f"source({op})")
         return storage.save_version(self.store, self.catalog, meta, table, {"all": np.arange(table.rows)})
 
@@ -157,8 +159,9 @@ class DataService:
             raise InvalidArgument(f"split {request.split} is not a known split")
         record = self.catalog.get(request.name, request.version)
         features, labels = load_split(self.store, record, split)
+        shape = tuple(record.meta.example_shape) or (int(features.shape[1]),)
         return (
-            batches.plan(len(features), int(features.shape[1]), request, max_message_bytes),
+            batches.plan(len(features), shape, request, max_message_bytes),
             features,
             labels,
         )

@@ -66,8 +66,14 @@ def source_name(source: data_pb2.BuiltinSource.ValueType) -> str:
     raise InvalidArgument("source is required: SYNTHETIC_REGRESSION, DIGITS, IRIS or BREAST_CANCER")
 
 
+# Sources that are images at heart, and the (C, H, W) of one image.
+_IMAGE_SHAPES = {data_pb2.BUILTIN_SOURCE_DIGITS: (1, 8, 8)}
+
+
 def load_source(request: data_pb2.CreateDatasetFromSourceRequest, max_bytes: int) -> Table:
-    source_name(request.source)
+    name = source_name(request.source)
+    if request.images and request.source not in _IMAGE_SHAPES:
+        raise InvalidArgument(f"images: source {name} has no image form (only digits has)")
     if request.source == data_pb2.BUILTIN_SOURCE_SYNTHETIC_REGRESSION:
         return synthetic_regression(request.synthetic, max_bytes)
     bunch = _SKLEARN[request.source][1]()
@@ -81,4 +87,5 @@ def load_source(request: data_pb2.CreateDatasetFromSourceRequest, max_bytes: int
         labels=bunch.target.astype(np.int64),
         task=CLASSIFICATION,
         class_names=classes,
+        example_shape=_IMAGE_SHAPES[request.source] if request.images else (),
     )

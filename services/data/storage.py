@@ -44,6 +44,7 @@ def describe(table: Table, name: str, description: str) -> data_pb2.DatasetVersi
         statistics=statistics(table.features),
         description=description,
         feature_names=[c.name for c in table.columns],
+        example_shape=list(table.example_shape) or [len(table.columns)],
     )
     normalized = table.norm_kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX)
     meta.normalization.kind = table.norm_kind if normalized else model_pb2.NORMALIZATION_KIND_NONE
@@ -120,6 +121,7 @@ def load_table(store: ArtifactStore, record: DatasetRecord) -> Table:
         labels=None if labels is None else np.array(labels),
         task=meta.task,
         class_names=list(meta.class_names),
+        example_shape=tuple(meta.example_shape) if len(meta.example_shape) > 1 else (),
     )
     if meta.normalization.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX):
         table.norm_kind = meta.normalization.kind

@@ -32,6 +32,8 @@ class RawTable:
     columns: list[RawColumn]
     # float64 [rows, columns]; string columns hold category codes; NaN = missing.
     data: np.ndarray
+    # (C, H, W) when each row is an image flattened row-major; () for tabular rows.
+    example_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Table:
     scale: np.ndarray = field(default_factory=lambda: np.ones(0))
     # Raw-space value a missing input takes (NaN: that column is not imputed); None: no imputation.
     fill: np.ndarray | None = None
+    # (C, H, W) when each row is an image flattened row-major; () for tabular rows.
+    example_shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.shift.shape != (len(self.columns),):
@@ -133,6 +137,7 @@ def build_table(raw: RawTable, label_column: str, task: data_pb2.DatasetTask.Val
         labels=labels,
         task=task,
         class_names=class_names,
+        example_shape=raw.example_shape,
     )
 
 

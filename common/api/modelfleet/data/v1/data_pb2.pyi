@@ -327,6 +327,7 @@ class DatasetVersion(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    EXAMPLE_SHAPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     """Decimal version number, "1", "2", ..."""
@@ -367,6 +368,13 @@ class DatasetVersion(_message.Message):
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the feature columns after transforms, in order."""
 
+    @_builtins.property
+    def example_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Shape of one example: [num_features] for tabular rows, [C, H, W] for
+        images. Shards and batches hold each example flattened row-major, so
+        num_features is the product.
+        """
+
     def __init__(
         self,
         *,
@@ -389,10 +397,11 @@ class DatasetVersion(_message.Message):
         size_bytes: _builtins.int = ...,
         description: _builtins.str = ...,
         feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        example_shape: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "created_at", b"created_at", "normalization", b"normalization", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "cleaning", b"cleaning", "created_at", b"created_at", "description", b"description", "feature_names", b"feature_names", "name", b"name", "normalization", b"normalization", "num_classes", b"num_classes", "num_features", b"num_features", "num_rows", b"num_rows", "operations", b"operations", "parent_name", b"parent_name", "parent_version", b"parent_version", "schema", b"schema", "size_bytes", b"size_bytes", "split_rows", b"split_rows", "statistics", b"statistics", "task", b"task", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "cleaning", b"cleaning", "created_at", b"created_at", "description", b"description", "example_shape", b"example_shape", "feature_names", b"feature_names", "name", b"name", "normalization", b"normalization", "num_classes", b"num_classes", "num_features", b"num_features", "num_rows", b"num_rows", "operations", b"operations", "parent_name", b"parent_name", "parent_version", b"parent_version", "schema", b"schema", "size_bytes", b"size_bytes", "split_rows", b"split_rows", "statistics", b"statistics", "task", b"task", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,6 +449,7 @@ class UploadDatasetHeader(_message.Message):
     TOTAL_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     CSV_MISSING_VALUES_FIELD_NUMBER: _builtins.int
+    CHANNELS_LAST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Dataset name: letters, digits, '.', '-', '_' (1-128 chars)."""
     format: Global___DataFormat.ValueType
@@ -456,6 +466,10 @@ class UploadDatasetHeader(_message.Message):
     sha256: _builtins.str
     """sha256 of the whole upload, lowercase hex; checked when set (a mismatch
     stores nothing).
+    """
+    channels_last: _builtins.bool
+    """NPY/NPZ image arrays: 4-D arrays are N x H x W x C when set, else
+    N x C x H x W; a 3-D array N x H x W is one-channel images.
     """
     @_builtins.property
     def csv_missing_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -478,10 +492,11 @@ class UploadDatasetHeader(_message.Message):
         total_size_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
         csv_missing_values: _abc.Iterable[_builtins.str] | None = ...,
+        channels_last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv_has_header", b"csv_has_header", "csv_missing_values", b"csv_missing_values", "description", b"description", "format", b"format", "label_column", b"label_column", "name", b"name", "sha256", b"sha256", "task", b"task", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels_last", b"channels_last", "csv_has_header", b"csv_has_header", "csv_missing_values", b"csv_missing_values", "description", b"description", "format", b"format", "label_column", b"label_column", "name", b"name", "sha256", b"sha256", "task", b"task", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,9 +586,14 @@ class CreateDatasetFromSourceRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     SYNTHETIC_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: Global___BuiltinSource.ValueType
     description: _builtins.str
+    images: _builtins.bool
+    """The source as images (DIGITS: 1x8x8); INVALID_ARGUMENT for sources
+    without an image form.
+    """
     @_builtins.property
     def synthetic(self) -> Global___SyntheticRegression:
         """For SYNTHETIC_REGRESSION."""
@@ -585,10 +605,11 @@ class CreateDatasetFromSourceRequest(_message.Message):
         source: Global___BuiltinSource.ValueType = ...,
         synthetic: Global___SyntheticRegression | None = ...,
         description: _builtins.str = ...,
+        images: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["synthetic", b"synthetic"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "images", b"images", "name", b"name", "source", b"source", "synthetic", b"synthetic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1071,6 +1092,7 @@ class StreamBatchesResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     LABEL_DTYPE_FIELD_NUMBER: _builtins.int
+    EXAMPLE_SHAPE_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Row offset of the first row of this batch."""
     rows: _builtins.int
@@ -1081,6 +1103,10 @@ class StreamBatchesResponse(_message.Message):
     """Labels: int64 (classification) or float32 (regression) little-endian; empty if unlabelled."""
     label_dtype: _builtins.str
     """"int64" or "float32"."""
+    @_builtins.property
+    def example_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The dataset's example shape: features are [rows, *example_shape] flattened."""
+
     def __init__(
         self,
         *,
@@ -1090,10 +1116,11 @@ class StreamBatchesResponse(_message.Message):
         features: _builtins.bytes = ...,
         labels: _builtins.bytes = ...,
         label_dtype: _builtins.str = ...,
+        example_shape: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "label_dtype", b"label_dtype", "labels", b"labels", "num_features", b"num_features", "offset", b"offset", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["example_shape", b"example_shape", "features", b"features", "label_dtype", b"label_dtype", "labels", b"labels", "num_features", b"num_features", "offset", b"offset", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
