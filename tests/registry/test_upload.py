@@ -195,7 +195,7 @@ def test_an_architecture_larger_than_its_weights_is_refused_before_allocation(
     store: ArtifactStore, registry: ModelRegistry
 ) -> None:
     header = mlp_header()
-    header.architecture.mlp.hidden_sizes[:] = [1 << 30]  # 8.6e9 parameters (32 GiB of fp32) for a 0.5 KiB file
+    header.architecture.mlp.hidden_sizes[:] = [1 << 30]  # 8.6e9 parameters for a 564-byte file
     with pytest.raises(InvalidArgument, match=r"parameters but the artifact holds only"):
         upload(header, mlp_bytes(), store, registry)
     assert stored_digests(store) == []
