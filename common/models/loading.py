@@ -1,6 +1,6 @@
 """Load any registered model version into a runnable module, for every format.
 
-Nothing is ever unpickled: MLP weights are safetensors, TorchScript archives go
+Nothing is ever unpickled: built-in families' weights are safetensors, TorchScript archives go
 through ``torch.jit.load`` (TorchScript's own restricted deserializer), and
 ``torch.export`` programs load with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` because
 ``torch.export.load`` silently retries ``torch.load(weights_only=False)`` when
@@ -26,7 +26,7 @@ from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore
 from common.errors import InvalidArgument
 from common.models import verify
-from common.models.mlp import MLP, build_model, parameter_count
+from common.models.families import family_of, tensor_specs
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,8 @@ class LoadedModel:
     device: torch.device
 
 
-def mlp_tensor_specs(
-    arch: model_pb2.MlpArchitecture,
-) -> tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]:
-    """The built-in MLP's tensors: ``input`` FP32 [-1, in] and ``output`` FP32 [-1, out]."""
-    inputs = [model_pb2.TensorSpec(name="input", datatype="FP32", shape=[-1, arch.input_size])]
-    outputs = [model_pb2.TensorSpec(name="output", datatype="FP32", shape=[-1, arch.output_size])]
-    return inputs, outputs
-
-
-def save_mlp(model: MLP, store: ArtifactStore) -> ArtifactRef:
-    """The model's state dict as safetensors, atomically into the store."""
+def save_weights(model: torch.nn.Module, store: ArtifactStore) -> ArtifactRef:
+    """A built-in family's state dict as safetensors, atomically into the store."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     scratch = store.scratch_dir()
     try:
@@ -75,7 +66,7 @@ def load_model(version: registry_pb2.ModelVersion, store: ArtifactStore, device:
     fmt = version.format
     try:
         if fmt == registry_pb2.MODEL_FORMAT_SAFETENSORS:
-            module = _load_safetensors_mlp(version, path, device, where)
+            module = _load_safetensors(version, path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_TORCHSCRIPT:
             module = _load_torchscript(path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
@@ -99,22 +90,21 @@ def load_model(version: registry_pb2.ModelVersion, store: ArtifactStore, device:
     return LoadedModel(module=module, inputs=inputs, outputs=outputs, device=device)
 
 
-def _load_safetensors_mlp(
+def _load_safetensors(
     version: registry_pb2.ModelVersion, path: Path, device: torch.device, where: str
 ) -> torch.nn.Module:
     if version.architecture.WhichOneof("family") is None:
         raise InvalidArgument(f"{where}: SAFETENSORS models need an architecture")
-    if version.architecture.WhichOneof("family") == "mlp":
-        # Every weight is in the file (the load is strict), at least a byte each: an
-        # architecture promising more is refused before it is allocated.
-        count, size = parameter_count(version.architecture.mlp), path.stat().st_size
-        if count > size:
-            raise InvalidArgument(
-                f"{where}: the architecture has {count:,} parameters "
-                f"but the artifact holds only {size:,} bytes"
-            )
+    family, arch = family_of(version.architecture, f"{where}: architecture")
+    # Every weight is in the file (the load is strict), at least a byte each: an
+    # architecture promising more is refused before it is allocated.
+    count, size = family.parameter_count(arch), path.stat().st_size
+    if count > size:
+        raise InvalidArgument(
+            f"{where}: the architecture has {count:,} parameters but the artifact holds only {size:,} bytes"
+        )
     norm = version.normalization if version.HasField("normalization") else None
-    model = build_model(version.architecture, norm)
+    model = family.build(arch, norm)
     state = load_file(str(path), device="cpu")
     if set(state) != set(model.state_dict()):
         state = _sequential_keys(state, list(model.state_dict())) or state
@@ -186,8 +176,8 @@ def _specs(
 ) -> tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]:
     if version.inputs and version.outputs:
         return list(version.inputs), list(version.outputs)
-    if version.architecture.WhichOneof("family") == "mlp":
-        return mlp_tensor_specs(version.architecture.mlp)
+    if version.architecture.WhichOneof("family") is not None:
+        return tensor_specs(version.architecture)
     raise InvalidArgument(f"{where}: the version declares no input/output tensor specs")
 
 

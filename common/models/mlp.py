@@ -4,12 +4,15 @@ preceded by the input normalization of the dataset it was trained on."""
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from common.api.modelfleet.common.v1 import model_pb2
 from common.errors import InvalidArgument
+from common.models.inputs import Normalize, is_normalized
 
 _ACTIVATIONS: dict[int, type[nn.Module]] = {
     model_pb2.ACTIVATION_UNSPECIFIED: nn.ReLU,
@@ -19,26 +22,6 @@ _ACTIVATIONS: dict[int, type[nn.Module]] = {
     model_pb2.ACTIVATION_SIGMOID: nn.Sigmoid,
     model_pb2.ACTIVATION_SILU: nn.SiLU,
 }
-
-
-class Normalize(nn.Module):
-    """y = (x - shift) / scale, per feature, after missing (NaN) inputs take their
-    ``fill`` value when the dataset was imputed; buffers travel with the weights."""
-
-    shift: torch.Tensor
-    scale: torch.Tensor
-    fill: torch.Tensor | None
-
-    def __init__(self, num_features: int, impute: bool = False) -> None:
-        super().__init__()
-        self.register_buffer("shift", torch.zeros(num_features))
-        self.register_buffer("scale", torch.ones(num_features))
-        self.register_buffer("fill", torch.zeros(num_features) if impute else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fill is not None:
-            x = torch.where(torch.isnan(x), self.fill, x)
-        return (x - self.shift) / self.scale
 
 
 class MLP(nn.Module):
@@ -99,25 +82,6 @@ def parameter_count(arch: model_pb2.MlpArchitecture) -> int:
     return sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(widths))
 
 
-def check_parameter_budget(arch: model_pb2.MlpArchitecture, budget: int, where: str) -> None:
-    """InvalidArgument before anything is allocated when ``arch`` exceeds ``budget``
-    parameters (MODELFLEET_MAX_MODEL_PARAMETERS): such a model can never fit, so it
-    is refused at submit instead of failing every attempt."""
-    count = parameter_count(arch)
-    if count > budget:
-        raise InvalidArgument(
-            f"{where} has {count:,} parameters, above this deployment's budget of {budget:,} "
-            "(MODELFLEET_MAX_MODEL_PARAMETERS)"
-        )
-
-
-def is_normalized(norm: model_pb2.Normalization) -> bool:
-    """Whether ``norm`` transforms inputs: a shift and scale, or a missing-value fill."""
-    return norm.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX) or bool(
-        norm.fill
-    )
-
-
 def build_model(arch: model_pb2.Architecture, norm: model_pb2.Normalization | None = None) -> MLP:
     """A freshly initialised model of a built-in family."""
     family = arch.WhichOneof("family")
@@ -130,3 +94,76 @@ def build_model(arch: model_pb2.Architecture, norm: model_pb2.Normalization | No
             model.set_normalization(norm)
         return model
     raise InvalidArgument(f"architecture family {family!r} is not supported (known: mlp)")
+
+
+class MlpFamily:
+    """The MLP as a model family (see common.models.families)."""
+
+    name = "mlp"
+    default_hidden_sizes = (64,)
+
+    def default(self) -> model_pb2.MlpArchitecture:
+        return model_pb2.MlpArchitecture(hidden_sizes=self.default_hidden_sizes)
+
+    def validate(self, arch: model_pb2.MlpArchitecture, where: str, sizes_from_dataset: bool = False) -> None:
+        where = f"{where}.{self.name}"
+        if not sizes_from_dataset:
+            validate_mlp(arch, where)
+            return
+        for field in ("input_size", "output_size"):
+            if getattr(arch, field) < 0:
+                raise InvalidArgument(
+                    f"{where}.{field} must be >= 0 (0: from the dataset), got {getattr(arch, field)}"
+                )
+        probe = model_pb2.MlpArchitecture()
+        probe.CopyFrom(arch)
+        probe.input_size = probe.input_size or 1
+        probe.output_size = probe.output_size or 1
+        validate_mlp(probe, where)
+
+    def fit_to_dataset(
+        self,
+        arch: model_pb2.MlpArchitecture,
+        example_shape: Sequence[int],
+        outputs: int,
+        where: str,
+        dataset: str,
+    ) -> None:
+        where = f"{where}.{self.name}"
+        features = math.prod(example_shape)  # an image is its flattened pixels
+        if arch.input_size == 0:
+            arch.input_size = features
+        elif arch.input_size != features:
+            raise InvalidArgument(
+                f"{where}.input_size is {arch.input_size} but {dataset} has {features} features"
+            )
+        if arch.output_size == 0:
+            arch.output_size = outputs
+        elif arch.output_size != outputs:
+            raise InvalidArgument(f"{where}.output_size is {arch.output_size} but {dataset} needs {outputs}")
+        validate_mlp(arch, where)
+
+    def parameter_count(self, arch: model_pb2.MlpArchitecture) -> int:
+        return parameter_count(arch)
+
+    def input_width(self, arch: model_pb2.MlpArchitecture) -> int:
+        return int(arch.input_size)
+
+    def build(self, arch: model_pb2.MlpArchitecture, norm: model_pb2.Normalization | None = None) -> MLP:
+        return build_model(model_pb2.Architecture(mlp=arch), norm)
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        if not isinstance(model, MLP):
+            raise InvalidArgument(f"not an MLP: {type(model).__name__}")
+        return model.layers
+
+    def tensor_specs(
+        self, arch: model_pb2.MlpArchitecture
+    ) -> tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]:
+        """``input`` FP32 [-1, in] and ``output`` FP32 [-1, out]."""
+        inputs = [model_pb2.TensorSpec(name="input", datatype="FP32", shape=[-1, arch.input_size])]
+        outputs = [model_pb2.TensorSpec(name="output", datatype="FP32", shape=[-1, arch.output_size])]
+        return inputs, outputs
+
+
+FAMILY = MlpFamily()

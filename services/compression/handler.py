@@ -21,7 +21,8 @@ from common.device import resolve_device
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from common.jobs import JobCancelledError, JobContext, JobOutcome, PermanentJobError
 from common.models.compressed import load_compressed, save_compressed
-from common.models.loading import load_model, mlp_tensor_specs
+from common.models.families import tensor_specs
+from common.models.loading import load_model
 from common.models.mlp import MLP
 from common.registry import ModelRegistry
 from common.settings import Settings
@@ -182,7 +183,7 @@ class CompressionHandler:
     ) -> registry_pb2.ModelVersion:
         spec, source = resolved.spec, resolved.source
         version = self._version_stub(resolved, result)
-        inputs, outputs = mlp_tensor_specs(result.bundle.arch)
+        inputs, outputs = tensor_specs(version.architecture)
         version.model_name = spec.target_model or spec.source_model
         version.format = registry_pb2.MODEL_FORMAT_COMPRESSED
         version.artifact_digest = ref.digest

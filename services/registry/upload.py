@@ -20,8 +20,9 @@ from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore, ArtifactWriter
 from common.datatypes import NUMPY
 from common.errors import Cancelled, FailedPrecondition, InvalidArgument, ModelfleetError
-from common.models.loading import LoadedModel, first_line, load_exported_program, load_model, mlp_tensor_specs
-from common.models.mlp import is_normalized, validate_mlp
+from common.models.families import family_of, tensor_specs
+from common.models.inputs import is_normalized
+from common.models.loading import LoadedModel, first_line, load_exported_program, load_model
 from common.models.signature import export_signature
 from common.names import validate_name
 from common.registry import ModelRegistry
@@ -47,11 +48,11 @@ def check_header(header: registry_pb2.UploadModelHeader) -> None:
     if header.format == registry_pb2.MODEL_FORMAT_UNSPECIFIED:
         raise InvalidArgument("header.format is required")
     fmt = registry_pb2.ModelFormat.Name(header.format)
-    family = header.architecture.WhichOneof("family")
     if header.format in _NEEDS_ARCHITECTURE:
-        if family is None:
+        if header.architecture.WhichOneof("family") is None:
             raise InvalidArgument(f"header.architecture is required for {fmt}")
-        validate_mlp(header.architecture.mlp, "header.architecture.mlp")
+        family, arch = family_of(header.architecture, "header.architecture")
+        family.validate(arch, "header.architecture")
     elif not (header.inputs and header.outputs) and header.format != registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
         # A torch.export program carries its own signature; TorchScript does not.
         raise InvalidArgument(f"header.inputs and header.outputs are required for {fmt}")
@@ -84,7 +85,10 @@ def _check_normalization(header: registry_pb2.UploadModelHeader) -> None:
         raise InvalidArgument(
             f"header.normalization has {len(norm.shift)} shift and {len(norm.scale)} scale values"
         )
-    width = header.architecture.mlp.input_size if header.architecture.WhichOneof("family") == "mlp" else 0
+    width = 0
+    if header.architecture.WhichOneof("family") is not None:
+        family, arch = family_of(header.architecture, "header.architecture")
+        width = family.input_width(arch)
     for field, values in (("shift", norm.shift), ("fill", norm.fill)):
         if width and values and len(values) != width:
             raise InvalidArgument(
@@ -97,7 +101,8 @@ def _check_normalization(header: registry_pb2.UploadModelHeader) -> None:
 
 
 def candidate_version(header: registry_pb2.UploadModelHeader, ref: ArtifactRef) -> registry_pb2.ModelVersion:
-    """The version to validate and register; MLP tensor specs fill absent inputs/outputs."""
+    """The version to validate and register; a built-in family's tensor specs fill
+    absent inputs/outputs."""
     version = registry_pb2.ModelVersion(
         model_name=header.name,
         format=header.format,
@@ -114,8 +119,8 @@ def candidate_version(header: registry_pb2.UploadModelHeader, ref: ArtifactRef) 
         version.architecture.CopyFrom(header.architecture)
     if header.HasField("normalization"):
         version.normalization.CopyFrom(header.normalization)
-    if header.architecture.WhichOneof("family") == "mlp":
-        inputs, outputs = mlp_tensor_specs(header.architecture.mlp)
+    if header.architecture.WhichOneof("family") is not None:
+        inputs, outputs = tensor_specs(header.architecture)
         if not version.inputs:
             version.inputs.extend(inputs)
         if not version.outputs:

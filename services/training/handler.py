@@ -9,6 +9,7 @@ import numpy as np
 import redis
 import torch
 from google.protobuf.json_format import MessageToJson
+from torch import nn
 
 from common.api.modelfleet.jobs.v1 import jobs_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
@@ -18,8 +19,9 @@ from common.datasets import DatasetCatalog, DatasetRecord, load_split
 from common.device import resolve_device
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from common.jobs import JobCancelledError, JobContext, JobOutcome, JobQueue, PermanentJobError
-from common.models.loading import mlp_tensor_specs, save_mlp
-from common.models.mlp import MLP, build_model, check_parameter_budget, is_normalized
+from common.models.families import check_parameter_budget, family_of, tensor_specs
+from common.models.inputs import is_normalized
+from common.models.loading import save_weights
 from common.registry import ModelRegistry
 from common.settings import Settings
 from services.training.checkpoint import CheckpointDir, checkpoint_dir
@@ -43,9 +45,7 @@ class TrainingHandler:
         job = ctx.job
         try:
             spec, record = resolve_spec(self.catalog, job.training)
-            check_parameter_budget(
-                spec.architecture.mlp, self.settings.max_model_parameters, "spec.architecture.mlp"
-            )
+            check_parameter_budget(spec.architecture, self.settings.max_model_parameters, "spec.architecture")
         except (InvalidArgument, NotFound) as exc:
             raise PermanentJobError(exc.message) from exc
         # A node without CUDA (or with too few GPUs) may be followed by one with
@@ -114,23 +114,25 @@ class TrainingHandler:
             metrics=metrics,
         )
 
-    def _final_model(self, spec: ts.TrainingSpec, record: DatasetRecord, ckpt: CheckpointDir) -> MLP:
-        """The served model: the trained layers behind the dataset's normalization,
+    def _final_model(self, spec: ts.TrainingSpec, record: DatasetRecord, ckpt: CheckpointDir) -> nn.Module:
+        """The served model: the trained part behind the dataset's input transform,
         so clients send raw features."""
         norm = record.meta.normalization if is_normalized(record.meta.normalization) else None
-        model = build_model(spec.architecture, norm)
-        model.layers.load_state_dict(ckpt.load_final())
+        family, arch = family_of(spec.architecture)
+        model = family.build(arch, norm)
+        family.trainable(model).load_state_dict(ckpt.load_final())
         return model.eval()
 
     def _test_metrics(
-        self, model: MLP, spec: ts.TrainingSpec, record: DatasetRecord, device: torch.device
+        self, model: nn.Module, spec: ts.TrainingSpec, record: DatasetRecord, device: torch.device
     ) -> dict[str, float]:
         if "test" not in record.shards:
             return {}
         features, labels = load_split(self.store, record, "test")
         if labels is None:
             return {}
-        layers = model.layers.to(device)
+        family, _ = family_of(spec.architecture)
+        layers = family.trainable(model).to(device)
         sums = evaluate_sums(
             layers, features, labels, np.arange(len(features)), spec.task, loss_fn(spec.loss), device
         )
@@ -139,15 +141,15 @@ class TrainingHandler:
 
     def _register(
         self,
-        model: MLP,
+        model: nn.Module,
         spec: ts.TrainingSpec,
         record: DatasetRecord,
         job_id: str,
         metrics: dict[str, float],
         stopped_early: bool,
     ) -> registry_pb2.ModelVersion:
-        ref = save_mlp(model, self.store)
-        inputs, outputs = mlp_tensor_specs(spec.architecture.mlp)
+        ref = save_weights(model, self.store)
+        inputs, outputs = tensor_specs(spec.architecture)
         steps = [
             f"trained {int(metrics['epochs_run'])}/{spec.epochs} epochs on {spec.world_size} process(es)"
             + (", stopped early" if stopped_early else ""),

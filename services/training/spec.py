@@ -16,13 +16,12 @@ from common.api.modelfleet.data.v1 import data_pb2
 from common.api.modelfleet.training.v1 import training_spec_pb2 as ts
 from common.datasets import DatasetCatalog, DatasetRecord
 from common.errors import InvalidArgument
-from common.models.mlp import validate_mlp
+from common.models.families import default_architecture, family_of
 from common.names import validate_name
 
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LEARNING_RATE = 1e-3
-DEFAULT_HIDDEN_SIZES = (64,)
 # Bounds that catch typos (an extra zero) before they occupy a worker for days.
 MAX_EPOCHS = 100_000
 MAX_WORLD_SIZE = 64
@@ -63,12 +62,11 @@ def normalize_spec(spec: ts.TrainingSpec) -> ts.TrainingSpec:
         raise InvalidArgument("spec.model_name is required")
     validate_name(out.model_name, "spec.model_name")
 
-    family = out.architecture.WhichOneof("family")
-    if family is None:
-        out.architecture.mlp.hidden_sizes.extend(DEFAULT_HIDDEN_SIZES)
-    elif family != "mlp":
-        raise InvalidArgument(f"spec.architecture family {family!r} is not supported (known: mlp)")
-    _validate_arch_fields(out.architecture.mlp)
+    if out.architecture.WhichOneof("family") is None:
+        out.architecture.CopyFrom(default_architecture())
+    family, arch = family_of(out.architecture, "spec.architecture")
+    # Sizes left at 0 come from the dataset later; everything else is checked now.
+    family.validate(arch, "spec.architecture", sizes_from_dataset=True)
 
     if out.task not in (ts.TASK_UNSPECIFIED, *_TASK_LOSSES):
         raise InvalidArgument(f"spec.task {out.task} is unknown")
@@ -124,22 +122,6 @@ def normalize_spec(spec: ts.TrainingSpec) -> ts.TrainingSpec:
     return out
 
 
-def _validate_arch_fields(arch: model_pb2.MlpArchitecture) -> None:
-    where = "spec.architecture.mlp"
-    if arch.input_size < 0:
-        raise InvalidArgument(f"{where}.input_size must be >= 0 (0: from the dataset), got {arch.input_size}")
-    if arch.output_size < 0:
-        raise InvalidArgument(
-            f"{where}.output_size must be >= 0 (0: from the dataset), got {arch.output_size}"
-        )
-    probe = model_pb2.MlpArchitecture()
-    probe.CopyFrom(arch)
-    # Sizes come from the dataset later; validate everything else now.
-    probe.input_size = probe.input_size or 1
-    probe.output_size = probe.output_size or 1
-    validate_mlp(probe, where)
-
-
 def _check_loss(spec: ts.TrainingSpec) -> None:
     if spec.loss == ts.LOSS_UNSPECIFIED:
         spec.loss = _DEFAULT_LOSS[spec.task]
@@ -174,26 +156,14 @@ def bind_to_dataset(
         )
     _check_loss(out)
 
-    mlp = out.architecture.mlp
-    if mlp.input_size == 0:
-        mlp.input_size = meta.num_features
-    elif mlp.input_size != meta.num_features:
-        raise InvalidArgument(
-            f"spec.architecture.mlp.input_size is {mlp.input_size} "
-            f"but {dataset} has {meta.num_features} features"
-        )
     outputs = meta.num_classes if out.task == ts.TASK_CLASSIFICATION else 1
     if out.task == ts.TASK_CLASSIFICATION and outputs < 2:
         raise InvalidArgument(
             f"spec.dataset_name: {dataset} has {outputs} classes; classification needs >= 2"
         )
-    if mlp.output_size == 0:
-        mlp.output_size = outputs
-    elif mlp.output_size != outputs:
-        raise InvalidArgument(
-            f"spec.architecture.mlp.output_size is {mlp.output_size} but {dataset} needs {outputs}"
-        )
-    validate_mlp(mlp, "spec.architecture.mlp")
+    family, arch = family_of(out.architecture, "spec.architecture")
+    example_shape = list(meta.example_shape) or [meta.num_features]
+    family.fit_to_dataset(arch, example_shape, outputs, "spec.architecture", dataset)
     return out
 
 

@@ -9,7 +9,7 @@ from common.api.modelfleet.training.v1 import training_pb2
 from common.datasets import DatasetCatalog
 from common.errors import InvalidArgument
 from common.jobs import JobQueue
-from common.models.mlp import check_parameter_budget
+from common.models.families import check_parameter_budget
 from services.training.spec import resolve_spec
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class TrainingSubmitter:
             raise InvalidArgument(f"priority {request.priority} is unknown")
         spec, _ = resolve_spec(self.catalog, request.spec)
         check_parameter_budget(
-            spec.architecture.mlp, self.queue.settings.max_model_parameters, "spec.architecture.mlp"
+            spec.architecture, self.queue.settings.max_model_parameters, "spec.architecture"
         )
         job = jobs_pb2.Job(
             kind=jobs_pb2.JOB_KIND_TRAINING,

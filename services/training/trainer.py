@@ -36,7 +36,7 @@ from common.artifacts import ArtifactStore
 from common.datasets import DatasetRecord, SplitShards, load_split
 from common.jobs.errors import is_deterministic
 from common.logging import job_id_var, setup_logging
-from common.models.mlp import MLP
+from common.models.families import family_of
 from services.training.checkpoint import CheckpointDir, TrainState
 from services.training.objective import evaluate_sums, l1_term, loss_fn, metrics_from_sums
 from services.training.sharding import epoch_indices, eval_indices, iter_batches
@@ -192,7 +192,9 @@ class _Rank:
         # Same initial weights on every rank (DDP broadcasts rank 0's anyway);
         # different dropout streams per rank.
         torch.manual_seed(spec.seed)
-        model = MLP(spec.architecture.mlp).to(self.device)
+        family, arch = family_of(spec.architecture)
+        model = family.build(arch).to(self.device)
+        body = family.trainable(model)  # takes the shards' normalized features
         optimizer = _optimizer(spec, model.parameters())
         rank_seed = (spec.seed + 1 + rank) % 2**32
         torch.manual_seed(rank_seed)
@@ -244,7 +246,7 @@ class _Rank:
             }
             if val is not None:
                 sums = evaluate_sums(
-                    model.layers, *val, eval_indices(len(val[0]), ws, rank), spec.task, fn, self.device
+                    body, *val, eval_indices(len(val[0]), ws, rank), spec.task, fn, self.device
                 )
                 metrics.update(metrics_from_sums(self._sum(sums), spec.task, "val"))
             done = epoch + 1
@@ -266,10 +268,9 @@ class _Rank:
                 break
 
         if rank == 0:
-            final = state.best_model if val is not None else _snapshot(model)
-            ckpt.save_final(
-                {k.removeprefix("layers."): v for k, v in final.items() if k.startswith("layers.")}
-            )
+            if val is not None:
+                model.load_state_dict(state.best_model)
+            ckpt.save_final(_snapshot(body))
         self._put(
             "done",
             {

@@ -21,7 +21,8 @@ from common.api.modelfleet.jobs.v1 import jobs_pb2_grpc
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
 from common.datasets import DatasetCatalog, SplitShards
-from common.models.loading import mlp_tensor_specs, save_mlp
+from common.models.families import tensor_specs
+from common.models.loading import save_weights
 from common.models.mlp import MLP, build_model
 from common.registry import ModelRegistry
 from common.settings import Settings
@@ -91,8 +92,8 @@ def register_mlp(
         mlp=model_pb2.MlpArchitecture(input_size=FEATURES, hidden_sizes=hidden, output_size=CLASSES)
     )
     model = build_model(arch, NORM).eval()
-    ref = save_mlp(model, store)
-    inputs, outputs = mlp_tensor_specs(arch.mlp)
+    ref = save_weights(model, store)
+    inputs, outputs = tensor_specs(arch)
     version = registry_pb2.ModelVersion(
         model_name=name,
         format=registry_pb2.MODEL_FORMAT_SAFETENSORS,

@@ -12,7 +12,7 @@ from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb
 from common.api.modelfleet.jobs.v1 import jobs_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
-from common.models.loading import mlp_tensor_specs
+from common.models.families import tensor_specs
 from common.registry import ModelRegistry
 from tests.compression.conftest import Source, Stubs, register_mlp
 
@@ -117,7 +117,7 @@ async def test_any_step_on_a_torchscript_model(
     path = store.scratch_dir() / "m.pt"
     scripted.save(str(path))
     ref = store.put_file(path)
-    inputs, outputs = mlp_tensor_specs(source.version.architecture.mlp)
+    inputs, outputs = tensor_specs(source.version.architecture)
     registry.register(
         registry_pb2.ModelVersion(
             model_name="ts",

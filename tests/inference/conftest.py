@@ -18,7 +18,7 @@ from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
 from common.grpcserver import ServiceHost
-from common.models.loading import save_mlp
+from common.models.loading import save_weights
 from common.models.mlp import build_model
 from common.registry import ModelRegistry
 from common.settings import Settings
@@ -49,7 +49,7 @@ def register_mlp(
     arch = arch or mlp_arch()
     torch.manual_seed(seed)
     model = build_model(arch).eval()
-    ref = save_mlp(model, store)
+    ref = save_weights(model, store)
     version = registry.register(
         registry_pb2.ModelVersion(
             model_name=name,

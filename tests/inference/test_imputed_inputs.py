@@ -13,7 +13,7 @@ from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
-from common.models.loading import save_mlp
+from common.models.loading import save_weights
 from common.models.mlp import build_model
 from common.registry import ModelRegistry
 from tests.inference.conftest import mlp_arch, register_mlp
@@ -36,7 +36,7 @@ async def test_imputed_models_take_nan_inputs(serve, registry: ModelRegistry, st
     )
     torch.manual_seed(0)
     model = build_model(arch, norm).eval()
-    ref = save_mlp(model, store)
+    ref = save_weights(model, store)
     registry.register(
         registry_pb2.ModelVersion(
             model_name="imputed",

@@ -1,0 +1,36 @@
+"""The input transform a dataset's preprocessing bakes into every model trained
+on it: missing-value fill, then shift and scale, per feature (any family)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.api.modelfleet.common.v1 import model_pb2
+
+
+class Normalize(nn.Module):
+    """y = (x - shift) / scale, per feature, after missing (NaN) inputs take their
+    ``fill`` value when the dataset was imputed; buffers travel with the weights."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    fill: torch.Tensor | None
+
+    def __init__(self, num_features: int, impute: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(num_features))
+        self.register_buffer("scale", torch.ones(num_features))
+        self.register_buffer("fill", torch.zeros(num_features) if impute else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fill is not None:
+            x = torch.where(torch.isnan(x), self.fill, x)
+        return (x - self.shift) / self.scale
+
+
+def is_normalized(norm: model_pb2.Normalization) -> bool:
+    """Whether ``norm`` transforms inputs: a shift and scale, or a missing-value fill."""
+    return norm.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX) or bool(
+        norm.fill
+    )
