@@ -42,7 +42,7 @@ from common.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
-from common.models.loading import save_mlp
+from common.models.loading import save_weights
 from common.models.mlp import build_model
 from common.redis import connect
 from common.registry import ModelRegistry
@@ -138,7 +138,7 @@ def register(registry: ModelRegistry, store: ArtifactStore) -> dict[str, torch.n
             mlp=model_pb2.MlpArchitecture(input_size=inputs, hidden_sizes=list(hidden), output_size=outputs)
         )
         model = build_model(arch).eval()
-        ref = save_mlp(model, store)
+        ref = save_weights(model, store)
         registry.register(
             registry_pb2.ModelVersion(
                 model_name=name,

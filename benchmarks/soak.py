@@ -42,7 +42,7 @@ from common.api.modelfleet.registry.v1 import registry_pb2
 from common.api.modelfleet.training.v1 import training_spec_pb2
 from common.artifacts import ArtifactStore
 from common.jobs import JobContext, JobOutcome, JobQueue, Worker
-from common.models.loading import save_mlp
+from common.models.loading import save_weights
 from common.models.mlp import build_model
 from common.redis import connect
 from common.registry import ModelRegistry
@@ -85,7 +85,7 @@ def _register_model(settings: Settings) -> None:
     arch = model_pb2.Architecture(
         mlp=model_pb2.MlpArchitecture(input_size=INPUTS, hidden_sizes=list(HIDDEN), output_size=OUTPUTS)
     )
-    ref = save_mlp(build_model(arch).eval(), ArtifactStore(settings.artifact_root))
+    ref = save_weights(build_model(arch).eval(), ArtifactStore(settings.artifact_root))
     ModelRegistry(connect(settings.redis_url), settings.redis_prefix).register(
         registry_pb2.ModelVersion(
             model_name=MODEL,
