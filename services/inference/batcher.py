@@ -175,7 +175,10 @@ class Batcher:
 
     def warm_up(self) -> None:
         """Run the model at batch 1 and at the largest batch before it reports ready,
-        so first requests do not pay for lazy initialisation."""
+        so first requests do not pay for lazy initialisation (skipped when an input
+        has variable dims past the batch: no size is known to be valid)."""
+        if not self.signature.probe_ready:
+            return
         sizes = sorted({1, self.max_batch_size})
         with torch.inference_mode():
             for rows in sizes:

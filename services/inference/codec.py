@@ -85,6 +85,9 @@ class Signature:
         self.output_index = {name: i for i, name in enumerate(self.outputs)}
         # Requests concatenate along dim 0 only when every input has a variable first dim.
         self.batchable = bool(self.inputs) and all(t.shape and t.shape[0] == -1 for t in self.inputs)
+        # Whether zeros of the declared shapes are a real input: a variable dim past
+        # the batch (an image's height) has no size to probe with.
+        self.probe_ready = all(d > 0 for t in self.inputs for d in t.shape[1:])
 
     def decode(self, request: pb.ModelInferRequest, reject_nan: bool) -> tuple[list[np.ndarray], int]:
         """The request's inputs in model order, and its row count (batch dim)."""

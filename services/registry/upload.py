@@ -235,9 +235,13 @@ def _fill_export_signature(candidate: registry_pb2.ModelVersion, store: Artifact
 
 
 def _check_runs(loaded: LoadedModel, model: str) -> None:
-    """Run the module on zeros of its declared inputs (variable dims 1), so a model
-    that cannot serve its own signature is refused now, not at its first request."""
+    """Run the module on zeros of its declared inputs (batch 1), so a model that
+    cannot serve its own signature is refused now, not at its first request. A
+    signature with variable dims past the batch (an image's height) has no size
+    known to be valid, so it is not run (verification has checked it)."""
     signature = Signature(model, loaded.inputs, loaded.outputs)
+    if not signature.probe_ready:
+        return
     arrays = zeros_for(signature, 1)
     shapes = ", ".join(
         f"{spec.name} {list(a.shape)}" for spec, a in zip(signature.inputs, arrays, strict=True)

@@ -139,3 +139,33 @@ def _version(
         inputs=IN,
         outputs=OUT,
     )
+
+
+async def test_variable_image_dims_serve_without_a_warm_up_probe(
+    serve, registry: ModelRegistry, store: ArtifactStore, tmp_path: Path
+) -> None:
+    """Warm-up zeros of [1, 3, 1, 1] would fail a 3x3 convolution and the load with
+    it; a signature with variable dims past the batch is not warmed up."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).eval()
+    path = tmp_path / "conv.pt"
+    torch.jit.save(torch.jit.script(conv), str(path))
+    image = [model_pb2.TensorSpec(name="x", datatype="FP32", shape=[-1, 3, -1, -1])]
+    out = [model_pb2.TensorSpec(name="y", datatype="FP32", shape=[-1, 4])]
+    register_file(registry, store, "conv", path, registry_pb2.MODEL_FORMAT_TORCHSCRIPT, image, out)
+    x = np.random.default_rng(0).standard_normal((1, 3, 9, 7)).astype(np.float32)
+    async with serve() as srv:
+        response = await srv.stub.ModelInfer(
+            pb.ModelInferRequest(
+                model_name="conv",
+                inputs=[Tensor(name="x", datatype="FP32", shape=[1, 3, 9, 7])],
+                raw_input_contents=[x.tobytes()],
+            )
+        )
+    with torch.no_grad():
+        expected = conv(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(
+        np.frombuffer(response.raw_output_contents[0], "<f4").reshape(1, 4), expected, rtol=1e-5
+    )

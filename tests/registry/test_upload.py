@@ -252,3 +252,25 @@ def test_a_plain_sequential_state_dict_uploads_as_an_mlp(
     wrong = save({k: v.contiguous() for k, v in plain[:1].state_dict().items()})  # one layer short
     with pytest.raises(InvalidArgument, match="do not match the architecture"):
         upload(header, wrong, store, registry)
+
+
+def test_a_model_with_variable_image_dims_uploads_and_serves_any_size(
+    store: ArtifactStore, registry: ModelRegistry
+) -> None:
+    """Zeros of [1, 3, 1, 1] are no valid input for a 3x3 convolution: such a
+    signature is verified but not probe-run, and real sizes serve."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(conv.eval()), buffer)
+    header = registry_pb2.UploadModelHeader(
+        name="conv",
+        format=registry_pb2.MODEL_FORMAT_TORCHSCRIPT,
+        inputs=[model_pb2.TensorSpec(name="x", datatype="FP32", shape=[-1, 3, -1, -1])],
+        outputs=[model_pb2.TensorSpec(name="y", datatype="FP32", shape=[-1, 4])],
+    )
+    version = upload(header, buffer.getvalue(), store, registry)
+    loaded = load_model(version, store, torch.device("cpu"))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), conv(x))
