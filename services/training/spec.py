@@ -161,10 +161,27 @@ def bind_to_dataset(
         raise InvalidArgument(
             f"spec.dataset_name: {dataset} has {outputs} classes; classification needs >= 2"
         )
-    family, arch = family_of(out.architecture, "spec.architecture")
     example_shape = list(meta.example_shape) or [meta.num_features]
+    _check_augmentation(out.augmentation, example_shape, dataset)
+    family, arch = family_of(out.architecture, "spec.architecture")
     family.fit_to_dataset(arch, example_shape, outputs, "spec.architecture", dataset)
     return out
+
+
+def _check_augmentation(spec: ts.Augmentation, example_shape: list[int], dataset: str) -> None:
+    padding = spec.random_crop_padding
+    if padding < 0:
+        raise InvalidArgument(f"spec.augmentation.random_crop_padding must be >= 0, got {padding}")
+    if not (padding or spec.horizontal_flip):
+        return
+    if len(example_shape) != 3:
+        raise InvalidArgument(
+            "spec.augmentation applies to image datasets (example shape [C, H, W]); "
+            f"{dataset} has {example_shape}"
+        )
+    limit = min(example_shape[1:])
+    if padding > limit:
+        raise InvalidArgument(f"spec.augmentation.random_crop_padding must be at most {limit} for {dataset}")
 
 
 def resolve_spec(catalog: DatasetCatalog, spec: ts.TrainingSpec) -> tuple[ts.TrainingSpec, DatasetRecord]:

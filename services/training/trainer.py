@@ -37,6 +37,7 @@ from common.datasets import DatasetRecord, SplitShards, load_split
 from common.jobs.errors import is_deterministic
 from common.logging import job_id_var, setup_logging
 from common.models.families import family_of
+from services.training import augment
 from services.training.checkpoint import CheckpointDir, TrainState
 from services.training.objective import evaluate_sums, l1_term, loss_fn, metrics_from_sums
 from services.training.sharding import epoch_indices, eval_indices, iter_batches
@@ -220,15 +221,21 @@ class _Rank:
         patience, min_delta = spec.early_stopping.patience, spec.early_stopping.min_delta
         stopped_early = False
 
+        shape = tuple(record.meta.example_shape)
+        augmenting = augment.enabled(spec.augmentation)
         for epoch in range(state.epoch, spec.epochs):
             model.train()
             indices = epoch_indices(len(features), ws, rank, spec.seed, epoch)
+            # Seeded by rank and epoch, so a resumed run draws what it would have.
+            draws = torch.Generator().manual_seed((rank_seed << 20) + epoch)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             started = time.perf_counter()
             for x, y in iter_batches(features, labels, indices, per_rank_batch, self.device):
                 if self._should_stop():
                     self._put("cancelled", {"epoch": epoch})
                     return
+                if augmenting:
+                    x = augment.augment(x, shape, spec.augmentation, draws)
                 out = net(x)
                 loss = fn(out, y, "mean")
                 objective = loss + spec.l1_penalty * l1_term(model) if spec.l1_penalty else loss

@@ -57,6 +57,7 @@ def add_dataset(
     classes: int,
     splits: tuple[str, ...] = ("train", "val", "test"),
     seed: int = 0,
+    example_shape: tuple[int, ...] = (),
 ) -> Dataset:
     """Z-score the features with train statistics, split 70/15/15 by ``seed``
     and store it as a dataset version (classification if ``classes``)."""
@@ -82,6 +83,7 @@ def add_dataset(
         num_classes=classes,
         class_names=[str(c) for c in range(classes)],
         split_rows={s: len(parts[s]) for s in splits},
+        example_shape=list(example_shape) or [features.shape[1]],
         normalization=model_pb2.Normalization(
             kind=model_pb2.NORMALIZATION_KIND_ZSCORE, shift=mean.tolist(), scale=std.tolist()
         ),

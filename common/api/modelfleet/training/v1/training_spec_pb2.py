@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.api.modelfleet.common.v1 import model_pb2 as modelfleet_dot_common_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*modelfleet/training/v1/training_spec.proto\x12\x16modelfleet.training.v1\x1a modelfleet/common/v1/model.proto\"4\n\rEarlyStopping\x12\x10\n\x08patience\x18\x01 \x01(\x05\x12\x11\n\tmin_delta\x18\x02 \x01(\x01\"\xe7\x04\n\x0cTrainingSpec\x12\x14\n\x0c\x64\x61taset_name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x61taset_version\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x38\n\x0c\x61rchitecture\x18\x04 \x01(\x0b\x32\".modelfleet.common.v1.Architecture\x12*\n\x04task\x18\x05 \x01(\x0e\x32\x1c.modelfleet.training.v1.Task\x12*\n\x04loss\x18\x06 \x01(\x0e\x32\x1c.modelfleet.training.v1.Loss\x12\x34\n\toptimizer\x18\x07 \x01(\x0e\x32!.modelfleet.training.v1.Optimizer\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x10\n\x08momentum\x18\t \x01(\x01\x12\x0e\n\x06\x65pochs\x18\n \x01(\x05\x12\x12\n\nbatch_size\x18\x0b \x01(\x05\x12\x14\n\x0cweight_decay\x18\x0c \x01(\x01\x12\x12\n\nl1_penalty\x18\r \x01(\x01\x12\x0c\n\x04seed\x18\x0e \x01(\x03\x12\x12\n\nworld_size\x18\x0f \x01(\x05\x12,\n\x06\x64\x65vice\x18\x10 \x01(\x0e\x32\x1c.modelfleet.common.v1.Device\x12\"\n\x1a\x63heckpoint_interval_epochs\x18\x11 \x01(\x05\x12=\n\x0e\x65\x61rly_stopping\x18\x12 \x01(\x0b\x32%.modelfleet.training.v1.EarlyStopping\x12\r\n\x05nodes\x18\x13 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x14 \x01(\t*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*`\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x16\n\x12LOSS_CROSS_ENTROPY\x10\x01\x12\x0c\n\x08LOSS_MSE\x10\x02\x12\x0c\n\x08LOSS_MAE\x10\x03\x12\x0e\n\nLOSS_HUBER\x10\x04*b\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\x11\n\rOPTIMIZER_SGD\x10\x01\x12\x12\n\x0eOPTIMIZER_ADAM\x10\x02\x12\x13\n\x0fOPTIMIZER_ADAMW\x10\x03\x42KZIgithub.com/modelfleet/modelfleet/gen/go/modelfleet/training/v1;trainingv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*modelfleet/training/v1/training_spec.proto\x12\x16modelfleet.training.v1\x1a modelfleet/common/v1/model.proto\"D\n\x0c\x41ugmentation\x12\x1b\n\x13random_crop_padding\x18\x01 \x01(\x05\x12\x17\n\x0fhorizontal_flip\x18\x02 \x01(\x08\"4\n\rEarlyStopping\x12\x10\n\x08patience\x18\x01 \x01(\x05\x12\x11\n\tmin_delta\x18\x02 \x01(\x01\"\xa3\x05\n\x0cTrainingSpec\x12\x14\n\x0c\x64\x61taset_name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x61taset_version\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x38\n\x0c\x61rchitecture\x18\x04 \x01(\x0b\x32\".modelfleet.common.v1.Architecture\x12*\n\x04task\x18\x05 \x01(\x0e\x32\x1c.modelfleet.training.v1.Task\x12*\n\x04loss\x18\x06 \x01(\x0e\x32\x1c.modelfleet.training.v1.Loss\x12\x34\n\toptimizer\x18\x07 \x01(\x0e\x32!.modelfleet.training.v1.Optimizer\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x10\n\x08momentum\x18\t \x01(\x01\x12\x0e\n\x06\x65pochs\x18\n \x01(\x05\x12\x12\n\nbatch_size\x18\x0b \x01(\x05\x12\x14\n\x0cweight_decay\x18\x0c \x01(\x01\x12\x12\n\nl1_penalty\x18\r \x01(\x01\x12\x0c\n\x04seed\x18\x0e \x01(\x03\x12\x12\n\nworld_size\x18\x0f \x01(\x05\x12,\n\x06\x64\x65vice\x18\x10 \x01(\x0e\x32\x1c.modelfleet.common.v1.Device\x12\"\n\x1a\x63heckpoint_interval_epochs\x18\x11 \x01(\x05\x12=\n\x0e\x65\x61rly_stopping\x18\x12 \x01(\x0b\x32%.modelfleet.training.v1.EarlyStopping\x12\r\n\x05nodes\x18\x13 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x14 \x01(\t\x12:\n\x0c\x61ugmentation\x18\x15 \x01(\x0b\x32$.modelfleet.training.v1.Augmentation*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*`\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x16\n\x12LOSS_CROSS_ENTROPY\x10\x01\x12\x0c\n\x08LOSS_MSE\x10\x02\x12\x0c\n\x08LOSS_MAE\x10\x03\x12\x0e\n\nLOSS_HUBER\x10\x04*b\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\x11\n\rOPTIMIZER_SGD\x10\x01\x12\x12\n\x0eOPTIMIZER_ADAM\x10\x02\x12\x13\n\x0fOPTIMIZER_ADAMW\x10\x03\x42KZIgithub.com/modelfleet/modelfleet/gen/go/modelfleet/training/v1;trainingv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelfleet.training.v1.trai
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZIgithub.com/modelfleet/modelfleet/gen/go/modelfleet/training/v1;trainingv1'
-  _globals['_TASK']._serialized_start=776
-  _globals['_TASK']._serialized_end=850
-  _globals['_LOSS']._serialized_start=852
-  _globals['_LOSS']._serialized_end=948
-  _globals['_OPTIMIZER']._serialized_start=950
-  _globals['_OPTIMIZER']._serialized_end=1048
-  _globals['_EARLYSTOPPING']._serialized_start=104
-  _globals['_EARLYSTOPPING']._serialized_end=156
-  _globals['_TRAININGSPEC']._serialized_start=159
-  _globals['_TRAININGSPEC']._serialized_end=774
+  _globals['_TASK']._serialized_start=906
+  _globals['_TASK']._serialized_end=980
+  _globals['_LOSS']._serialized_start=982
+  _globals['_LOSS']._serialized_end=1078
+  _globals['_OPTIMIZER']._serialized_start=1080
+  _globals['_OPTIMIZER']._serialized_end=1178
+  _globals['_AUGMENTATION']._serialized_start=104
+  _globals['_AUGMENTATION']._serialized_end=172
+  _globals['_EARLYSTOPPING']._serialized_start=174
+  _globals['_EARLYSTOPPING']._serialized_end=226
+  _globals['_TRAININGSPEC']._serialized_start=229
+  _globals['_TRAININGSPEC']._serialized_end=904
 # @@protoc_insertion_point(module_scope)

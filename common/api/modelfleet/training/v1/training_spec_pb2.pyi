@@ -80,6 +80,36 @@ OPTIMIZER_ADAMW: Optimizer.ValueType  # 3
 Global___Optimizer: _TypeAlias = Optimizer  # noqa: Y015
 
 @_typing.final
+class Augmentation(_message.Message):
+    """Train-split augmentation for image datasets (example shape [C, H, W]),
+    applied by the training loader only: never to validation, test or serving.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANDOM_CROP_PADDING_FIELD_NUMBER: _builtins.int
+    HORIZONTAL_FLIP_FIELD_NUMBER: _builtins.int
+    random_crop_padding: _builtins.int
+    """Pad each side with this many zero pixels and crop back to the original size
+    at a random offset, per image; 0 is off. At most the image's height and width.
+    """
+    horizontal_flip: _builtins.bool
+    """Mirror each image left-right with probability 1/2."""
+    def __init__(
+        self,
+        *,
+        random_crop_padding: _builtins.int = ...,
+        horizontal_flip: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["horizontal_flip", b"horizontal_flip", "random_crop_padding", b"random_crop_padding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Augmentation: _TypeAlias = Augmentation  # noqa: Y015
+
+@_typing.final
 class EarlyStopping(_message.Message):
     """Stop when the validation loss has not improved by min_delta for `patience`
     epochs; the best weights are kept.
@@ -129,6 +159,7 @@ class TrainingSpec(_message.Message):
     EARLY_STOPPING_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    AUGMENTATION_FIELD_NUMBER: _builtins.int
     dataset_name: _builtins.str
     """Dataset to train on; it must have a train split (and a val split for
     validation metrics and early stopping).
@@ -171,6 +202,10 @@ class TrainingSpec(_message.Message):
     def early_stopping(self) -> Global___EarlyStopping:
         """Optional early stopping."""
 
+    @_builtins.property
+    def augmentation(self) -> Global___Augmentation:
+        """Optional train-split augmentation (image datasets only)."""
+
     def __init__(
         self,
         *,
@@ -194,10 +229,11 @@ class TrainingSpec(_message.Message):
         early_stopping: Global___EarlyStopping | None = ...,
         nodes: _builtins.int = ...,
         description: _builtins.str = ...,
+        augmentation: Global___Augmentation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "early_stopping", b"early_stopping"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "augmentation", b"augmentation", "early_stopping", b"early_stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "batch_size", b"batch_size", "checkpoint_interval_epochs", b"checkpoint_interval_epochs", "dataset_name", b"dataset_name", "dataset_version", b"dataset_version", "description", b"description", "device", b"device", "early_stopping", b"early_stopping", "epochs", b"epochs", "l1_penalty", b"l1_penalty", "learning_rate", b"learning_rate", "loss", b"loss", "model_name", b"model_name", "momentum", b"momentum", "nodes", b"nodes", "optimizer", b"optimizer", "seed", b"seed", "task", b"task", "weight_decay", b"weight_decay", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "augmentation", b"augmentation", "batch_size", b"batch_size", "checkpoint_interval_epochs", b"checkpoint_interval_epochs", "dataset_name", b"dataset_name", "dataset_version", b"dataset_version", "description", b"description", "device", b"device", "early_stopping", b"early_stopping", "epochs", b"epochs", "l1_penalty", b"l1_penalty", "learning_rate", b"learning_rate", "loss", b"loss", "model_name", b"model_name", "momentum", b"momentum", "nodes", b"nodes", "optimizer", b"optimizer", "seed", b"seed", "task", b"task", "weight_decay", b"weight_decay", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
