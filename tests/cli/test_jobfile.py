@@ -20,7 +20,9 @@ model_name: digits-mlp
 """
 
 
-@pytest.mark.parametrize("name", ["train-digits.yaml", "compress-digits.yaml", "sweep-digits.yaml"])
+@pytest.mark.parametrize(
+    "name", ["train-digits.yaml", "train-digits-images.yaml", "compress-digits.yaml", "sweep-digits.yaml"]
+)
 def test_examples_validate(name: str) -> None:
     jobs = jobfile.load(EXAMPLES / name)
     assert jobs and all(job.kind in jobfile.KINDS for job in jobs)
