@@ -5,41 +5,22 @@ from __future__ import annotations
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
 from services.cli.client import print_table
 
+# (row label, ModelMeasurements field, value format)
+_MEASURES = (
+    ("parameters", "parameters", "{:,}"),
+    ("nonzero parameters", "nonzero_parameters", "{:,}"),
+    ("bytes on disk", "bytes_on_disk", "{:,}"),
+    ("latency batch 1 (ms)", "latency_batch1_ms", "{:.3f}"),
+    ("latency batch 32 (ms)", "latency_batch32_ms", "{:.3f}"),
+)
+
 
 def print_compression_report(report: spec_pb2.CompressionReport) -> None:
     source, compressed = report.source, report.compressed
-    rows = [
-        (
-            "parameters",
-            f"{source.parameters:,}",
-            f"{compressed.parameters:,}",
-            _ratio(source.parameters, compressed.parameters),
-        ),
-        (
-            "nonzero parameters",
-            f"{source.nonzero_parameters:,}",
-            f"{compressed.nonzero_parameters:,}",
-            _ratio(source.nonzero_parameters, compressed.nonzero_parameters),
-        ),
-        (
-            "bytes on disk",
-            f"{source.bytes_on_disk:,}",
-            f"{compressed.bytes_on_disk:,}",
-            _ratio(source.bytes_on_disk, compressed.bytes_on_disk),
-        ),
-        (
-            "latency batch 1 (ms)",
-            f"{source.latency_batch1_ms:.3f}",
-            f"{compressed.latency_batch1_ms:.3f}",
-            _ratio(source.latency_batch1_ms, compressed.latency_batch1_ms),
-        ),
-        (
-            "latency batch 32 (ms)",
-            f"{source.latency_batch32_ms:.3f}",
-            f"{compressed.latency_batch32_ms:.3f}",
-            _ratio(source.latency_batch32_ms, compressed.latency_batch32_ms),
-        ),
-    ]
+    rows: list[tuple[str, str, str, str]] = []
+    for label, field, fmt in _MEASURES:
+        before, after = getattr(source, field), getattr(compressed, field)
+        rows.append((label, fmt.format(before), fmt.format(after), _ratio(before, after)))
     if source.metric_name:
         drop = source.metric_value - compressed.metric_value
         rows.append(
