@@ -21,3 +21,8 @@ NUMPY: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
     "BF16": np.dtype("<u2"),
 }
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 values held as their 16-bit patterns, as float32 (exact: bf16 is a float32's top half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)

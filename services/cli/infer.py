@@ -14,7 +14,7 @@ import numpy as np
 from common.api.inference import grpc_predict_v2_pb2 as pb
 from common.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from common.api.modelfleet.registry.v1 import registry_pb2, registry_pb2_grpc
-from common.datatypes import NUMPY
+from common.datatypes import NUMPY, bf16_to_float32
 from common.errors import InvalidArgument
 from common.settings import Settings
 from services.cli.client import add_output, add_target, call_metadata, open_channel, print_json, print_table
@@ -147,8 +147,7 @@ def _encode(array: np.ndarray, datatype: str) -> bytes:
 
 def _decode(raw: bytes, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     if datatype == "BF16":
-        halves = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
-        return halves.view(np.float32).reshape(shape)
+        return bf16_to_float32(np.frombuffer(raw, "<u2")).reshape(shape)
     dtype = NUMPY.get(datatype)
     if dtype is None:
         raise InvalidArgument(f"the server answered datatype {datatype}, which infer cannot read")

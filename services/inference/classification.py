@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from common.api.inference import grpc_predict_v2_pb2 as pb
-from common.datatypes import NUMPY
+from common.datatypes import NUMPY, bf16_to_float32
 from common.errors import InvalidArgument
 from services.inference.codec import OutputTensor
 
@@ -68,5 +68,5 @@ def _top_k(out: OutputTensor, k: int, labels: Sequence[str]) -> OutputTensor:
 
 def _as_float(values: np.ndarray, datatype: str) -> np.ndarray:
     if datatype == "BF16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
+        return bf16_to_float32(values)
     return values.astype(np.float64)

@@ -32,20 +32,21 @@ class DType:
     field: str | None
 
 
+# The InferTensorContents field of each datatype; BF16 travels raw only.
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP16": "fp32_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BF16": None,
+}
 DTYPES: dict[str, DType] = {
-    d.name: d
-    for d in (
-        DType("BOOL", NUMPY["BOOL"], TORCH["BOOL"], "bool_contents"),
-        DType("UINT8", NUMPY["UINT8"], TORCH["UINT8"], "uint_contents"),
-        DType("INT8", NUMPY["INT8"], TORCH["INT8"], "int_contents"),
-        DType("INT16", NUMPY["INT16"], TORCH["INT16"], "int_contents"),
-        DType("INT32", NUMPY["INT32"], TORCH["INT32"], "int_contents"),
-        DType("INT64", NUMPY["INT64"], TORCH["INT64"], "int64_contents"),
-        DType("FP16", NUMPY["FP16"], TORCH["FP16"], "fp32_contents"),
-        DType("FP32", NUMPY["FP32"], TORCH["FP32"], "fp32_contents"),
-        DType("FP64", NUMPY["FP64"], TORCH["FP64"], "fp64_contents"),
-        DType("BF16", NUMPY["BF16"], TORCH["BF16"], None),
-    )
+    name: DType(name, NUMPY[name], TORCH[name], field) for name, field in _CONTENTS.items()
 }
 _BY_TORCH = {d.torch: d for d in DTYPES.values()}
 _FLOATS = frozenset({"FP16", "FP32", "FP64", "BF16"})
