@@ -26,7 +26,8 @@ from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactRef, ArtifactStore
 from common.errors import InvalidArgument
 from common.models import verify
-from common.models.families import family_of, tensor_specs
+from common.models.families import Specs, family_of, tensor_specs
+from common.models.signature import export_signature
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,14 @@ def load_model(version: registry_pb2.ModelVersion, store: ArtifactStore, device:
     where = f"model {version.model_name!r} version {version.version!r}"
     path = store.path(version.artifact_digest)
     fmt = version.format
+    traced: Specs | None = None
     try:
         if fmt == registry_pb2.MODEL_FORMAT_SAFETENSORS:
             module = _load_safetensors(version, path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_TORCHSCRIPT:
             module = _load_torchscript(path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
-            module = _load_export(path, device, where)
+            module, traced = _load_export(version, path, device, where)
         elif fmt == registry_pb2.MODEL_FORMAT_COMPRESSED:
             from common.models.compressed import load_compressed  # optional format, imported on first use
 
@@ -86,7 +88,7 @@ def load_model(version: registry_pb2.ModelVersion, store: ArtifactStore, device:
         raise InvalidArgument(
             f"{where}: artifact is not a loadable {registry_pb2.ModelFormat.Name(fmt)}: {first_line(exc)}"
         ) from exc
-    inputs, outputs = _specs(version, where)
+    inputs, outputs = _specs(version, where, traced)
     return LoadedModel(module=module, inputs=inputs, outputs=outputs, device=device)
 
 
@@ -124,11 +126,20 @@ def _load_torchscript(path: Path, device: torch.device, where: str) -> torch.nn.
     return module.eval()
 
 
-def _load_export(path: Path, device: torch.device, where: str) -> torch.nn.Module:
-    program = load_exported_program(path, where)
+def _load_export(
+    version: registry_pb2.ModelVersion, path: Path, device: torch.device, where: str
+) -> tuple[torch.nn.Module, Specs | None]:
+    """The verified program's module, never unpickling, and the signature it was
+    traced with when the version does not declare all of its own."""
+    verify.check_archive_entries(path, where)
+    # Left set for the process: a serving process must never unpickle.
+    os.environ[_WEIGHTS_ONLY_ENV] = "1"
+    program = torch.export.load(str(path))
+    verify.check_exported_program(program, where)
+    traced = None if version.inputs and version.outputs else export_signature(program)
     # An exported program has no train/eval mode: it was traced in the mode it serves in.
     module: torch.nn.Module = program.module()
-    return module.to(device)
+    return module.to(device), traced
 
 
 # A Linear layer's key in an nn.Sequential state dict, under any wrapper prefixes
@@ -161,19 +172,9 @@ def _sequential_keys(state: dict[str, torch.Tensor], expected: list[str]) -> dic
     return renamed
 
 
-def load_exported_program(path: Path, where: str) -> torch.export.ExportedProgram:
-    """The verified program, never unpickling (InvalidArgument/RuntimeError on bad bytes)."""
-    verify.check_archive_entries(path, where)
-    # Left set for the process: a serving process must never unpickle.
-    os.environ[_WEIGHTS_ONLY_ENV] = "1"
-    program = torch.export.load(str(path))
-    verify.check_exported_program(program, where)
-    return program
-
-
-def _specs(
-    version: registry_pb2.ModelVersion, where: str
-) -> tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]:
+def _specs(version: registry_pb2.ModelVersion, where: str, traced: Specs | None) -> Specs:
+    if traced is not None:  # declared specs win; the rest is what the program was traced with
+        return list(version.inputs) or traced[0], list(version.outputs) or traced[1]
     if version.inputs and version.outputs:
         return list(version.inputs), list(version.outputs)
     if version.architecture.WhichOneof("family") is not None:

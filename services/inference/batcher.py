@@ -51,7 +51,7 @@ from services.inference.codec import (
     batch_tensor,
     output_array,
     outputs_of,
-    zeros_for,
+    zero_inputs,
 )
 from services.inference.stats import BatchTiming, VersionStats
 
@@ -182,11 +182,7 @@ class Batcher:
         sizes = sorted({1, self.max_batch_size})
         with torch.inference_mode():
             for rows in sizes:
-                arrays = zeros_for(self.signature, rows)
-                inputs = [
-                    batch_tensor([a], spec.dtype, self.model.device)
-                    for a, spec in zip(arrays, self.signature.inputs, strict=True)
-                ]
+                inputs = zero_inputs(self.signature, rows, self.model.device)
                 outputs_of(self.model.module(*inputs), self.signature.outputs)
 
     def _run(self) -> None:

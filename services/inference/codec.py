@@ -287,10 +287,11 @@ def empty_outputs(specs: Sequence[model_pb2.TensorSpec], wanted: list[int] | Non
     return outs
 
 
-def zeros_for(signature: Signature, rows: int) -> list[np.ndarray]:
-    """Warm-up inputs: zeros, variable dims set to ``rows`` (first) or 1 (others)."""
-    arrays = []
+def zero_inputs(signature: Signature, rows: int, device: torch.device) -> list[torch.Tensor]:
+    """Warm-up and upload-probe inputs on ``device``: zeros, a variable first dim
+    set to ``rows`` (callers check ``signature.probe_ready`` for the others)."""
+    tensors = []
     for spec in signature.inputs:
         shape = [(rows if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape)]
-        arrays.append(np.zeros(shape, dtype=spec.dtype.numpy))
-    return arrays
+        tensors.append(batch_tensor([np.zeros(shape, dtype=spec.dtype.numpy)], spec.dtype, device))
+    return tensors

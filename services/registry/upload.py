@@ -22,11 +22,10 @@ from common.datatypes import NUMPY
 from common.errors import Cancelled, FailedPrecondition, InvalidArgument, ModelfleetError
 from common.models.families import family_of, tensor_specs
 from common.models.inputs import is_normalized
-from common.models.loading import LoadedModel, first_line, load_exported_program, load_model
-from common.models.signature import export_signature
+from common.models.loading import LoadedModel, first_line, load_model
 from common.names import validate_name
 from common.registry import ModelRegistry
-from services.inference.codec import Signature, batch_tensor, output_array, outputs_of, zeros_for
+from services.inference.codec import Signature, output_array, outputs_of, zero_inputs
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +201,19 @@ class ModelUpload:
 
 def _check_loads(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> None:
     """Load the artifact on CPU and run it once; any failure means the bytes are not
-    the declared model. A torch.export program without declared specs gets the
-    signature it was traced with (filled into ``candidate``)."""
+    the declared model. Specs the header left out are filled into ``candidate`` from
+    the loaded artifact (a torch.export program's traced signature)."""
     fmt = registry_pb2.ModelFormat.Name(candidate.format)
     try:
-        if candidate.format == registry_pb2.MODEL_FORMAT_TORCH_EXPORT:
-            _fill_export_signature(candidate, store)
         probe = registry_pb2.ModelVersion()
         probe.CopyFrom(candidate)
         probe.version = "upload"  # names the candidate in load errors
-        _check_runs(load_model(probe, store, torch.device("cpu")), candidate.model_name)
+        loaded = load_model(probe, store, torch.device("cpu"))
+        if not candidate.inputs:
+            candidate.inputs.extend(loaded.inputs)
+        if not candidate.outputs:
+            candidate.outputs.extend(loaded.outputs)
+        _check_runs(loaded, candidate.model_name)
     except ModelfleetError:
         raise
     except Exception as exc:
@@ -222,18 +224,6 @@ def _check_loads(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> 
         ) from exc
 
 
-def _fill_export_signature(candidate: registry_pb2.ModelVersion, store: ArtifactStore) -> None:
-    """Declared specs win; what the header left out comes from the program."""
-    if candidate.inputs and candidate.outputs:
-        return
-    program = load_exported_program(store.path(candidate.artifact_digest), "the uploaded program")
-    inputs, outputs = export_signature(program)
-    if not candidate.inputs:
-        candidate.inputs.extend(inputs)
-    if not candidate.outputs:
-        candidate.outputs.extend(outputs)
-
-
 def _check_runs(loaded: LoadedModel, model: str) -> None:
     """Run the module on zeros of its declared inputs (batch 1), so a model that
     cannot serve its own signature is refused now, not at its first request. A
@@ -242,13 +232,10 @@ def _check_runs(loaded: LoadedModel, model: str) -> None:
     signature = Signature(model, loaded.inputs, loaded.outputs)
     if not signature.probe_ready:
         return
-    arrays = zeros_for(signature, 1)
+    inputs = zero_inputs(signature, 1, loaded.device)
     shapes = ", ".join(
-        f"{spec.name} {list(a.shape)}" for spec, a in zip(signature.inputs, arrays, strict=True)
+        f"{spec.name} {list(t.shape)}" for spec, t in zip(signature.inputs, inputs, strict=True)
     )
-    inputs = [
-        batch_tensor([a], spec.dtype, loaded.device) for a, spec in zip(arrays, signature.inputs, strict=True)
-    ]
     try:
         with torch.inference_mode():
             outputs = outputs_of(loaded.module(*inputs), signature.outputs)
