@@ -29,6 +29,7 @@ import operator
 import pickletools
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -177,24 +178,30 @@ def op_refusal(qualname: str) -> str | None:
     return None
 
 
-def check_archive_entries(path: Path, where: str) -> list[str]:
-    """The zip's entry names; refused when it is not a zip or names an entry twice
-    (Python's zipfile and torch's reader could then see different bytes)."""
+def check_archive_entries(path: Path, where: str) -> None:
+    """Refuse a file that is not a zip or names an entry twice (Python's zipfile
+    and torch's reader could then see different bytes)."""
+    with _archive(path, where):
+        pass
+
+
+@contextmanager
+def _archive(path: Path, where: str) -> Iterator[zipfile.ZipFile]:
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
         raise InvalidArgument(f"{where}: the artifact is not a zip archive: {exc}") from exc
-    if len(names) != len(set(names)):
-        raise InvalidArgument(f"{where}: the archive has duplicate entries")
-    return names
+    with archive:
+        names = archive.namelist()
+        if len(names) != len(set(names)):
+            raise InvalidArgument(f"{where}: the archive has duplicate entries")
+        yield archive
 
 
 def check_torchscript_archive(path: Path, where: str) -> None:
     """Refuse an archive whose loading could run its own code (before ``torch.jit.load``)."""
-    names = check_archive_entries(path, where)
-    with zipfile.ZipFile(path) as archive:
-        for name in names:
+    with _archive(path, where) as archive:
+        for name in archive.namelist():
             if name.endswith(".pkl") and "/code/" not in name:
                 _check_pickle(archive.read(name), name, where)
             elif "/code/" in name and name.endswith(".py"):
