@@ -3,7 +3,7 @@ model registration helpers, and a real server on a free port."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +44,10 @@ def register_mlp(
     name: str,
     seed: int = 0,
     arch: model_pb2.Architecture | None = None,
+    class_names: Sequence[str] = (),
 ) -> tuple[registry_pb2.ModelVersion, torch.nn.Module]:
-    """A randomly initialised MLP registered as SAFETENSORS; returns the version and the module."""
+    """A randomly initialised MLP registered as SAFETENSORS (with ``class_names``,
+    if given); returns the version and the module."""
     arch = arch or mlp_arch()
     torch.manual_seed(seed)
     model = build_model(arch).eval()
@@ -57,6 +59,7 @@ def register_mlp(
             architecture=arch,
             artifact_digest=ref.digest,
             artifact_size_bytes=ref.size,
+            class_names=class_names,
         )
     )
     return version, model

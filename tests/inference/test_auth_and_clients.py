@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from common.api.inference import grpc_predict_v2_pb2 as pb
-from common.api.modelfleet.registry.v1 import registry_pb2 as pb_registry
 from common.artifacts import ArtifactStore
 from common.registry import ModelRegistry
 from tests.inference.conftest import register_mlp
@@ -111,12 +110,8 @@ async def test_tritonclient_classification_extension(
     serve, registry: ModelRegistry, store: ArtifactStore
 ) -> None:
     """class_count=k answers the top-k classes per row as 'score:index:label', as Triton does."""
-    version, model = register_mlp(registry, store, "iris")
-    named = pb_registry.ModelVersion()
-    named.CopyFrom(version)
-    named.ClearField("version")
-    named.class_names[:] = ["setosa", "versicolor", "virginica"]
-    registry.register(named)
+    names = ["setosa", "versicolor", "virginica"]
+    _, model = register_mlp(registry, store, "iris", class_names=names)
     register_mlp(registry, store, "plain")
     x = np.random.default_rng(2).standard_normal((4, 4)).astype(np.float32)
 
@@ -144,6 +139,6 @@ async def test_tritonclient_classification_extension(
         scores = model(torch.from_numpy(x)).numpy()
     for row, answer in zip(scores, top2, strict=True):
         order = np.argsort(-row, kind="stable")[:2]
-        assert [a.split(":")[1:] for a in answer] == [[str(i), named.class_names[i]] for i in order]
+        assert [a.split(":")[1:] for a in answer] == [[str(i), names[i]] for i in order]
         assert [float(a.split(":")[0]) for a in answer] == pytest.approx(row[order].tolist(), abs=1e-5)
     assert all(len(r) == 3 and all(len(a.split(":")) == 2 for a in r) for r in unnamed)

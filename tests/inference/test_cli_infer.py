@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
 from common.registry import ModelRegistry
 from services.cli.main import main
@@ -54,15 +53,11 @@ async def test_infer_command(
 async def test_infer_names_the_predicted_class_and_refuses_bad_json(
     serve, registry: ModelRegistry, store: ArtifactStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    version, model = register_mlp(registry, store, "iris")
-    named = registry_pb2.ModelVersion()
-    named.CopyFrom(version)
-    named.ClearField("version")
-    named.class_names[:] = ["setosa", "versicolor", "virginica"]
-    registry.register(named)
+    names = ["setosa", "versicolor", "virginica"]
+    _, model = register_mlp(registry, store, "iris", class_names=names)
     x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
     with torch.no_grad():
-        expected = [named.class_names[i] for i in model(torch.from_numpy(x)).argmax(dim=1).tolist()]
+        expected = [names[i] for i in model(torch.from_numpy(x)).argmax(dim=1).tolist()]
     async with serve() as srv:
         args = ["infer", "iris", "--json", json.dumps(x.tolist()), "--target", srv.address]
         assert await asyncio.to_thread(main, [*args, "-o", "json"]) == 0
