@@ -26,7 +26,7 @@ import torch
 
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.artifacts import ArtifactStore
-from common.errors import ModelfleetError, NotFound
+from common.errors import ModelfleetError, NotFound, Unavailable
 from common.models.loading import LoadedModel, load_model
 from common.redis import connect_async
 from common.registry import ModelRegistry, Routing
@@ -119,6 +119,12 @@ class ModelRepository:
         self._unloaded: set[str] = set()  # explicitly unloaded: not followed until loaded again
         self._tasks: set[asyncio.Task[None]] = set()
         self._follower: asyncio.Task[None] | None = None
+        # Start-up models not loaded yet: a call for one is retryable (UNAVAILABLE), not
+        # NOT_FOUND, since the port opens before they load and a client should try elsewhere.
+        # Seeded here because the port may open before start() runs; with "*" every
+        # name counts as starting until the registry has been listed.
+        self._starting: set[str] = set(settings.inference_models) - {"*"}
+        self._listing = "*" in settings.inference_models
         self.ready = False
 
     # --- hot path
@@ -126,7 +132,7 @@ class ModelRepository:
     def route(self, name: str, version: str) -> Served:
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model {name!r} is not loaded on this server")
+            raise self._absent(name)
         if not version:
             routing = model.routing
             version = routing.default_version
@@ -136,6 +142,11 @@ class ModelRepository:
         if served is None:
             raise NotFound(f"version {version!r} of model {name!r} is not loaded on this server")
         return served
+
+    def _absent(self, name: str) -> ModelfleetError:
+        if name in self._starting or self._listing:
+            return Unavailable(f"model {name!r} is still loading on this server (starting up); retry")
+        return NotFound(f"model {name!r} is not loaded on this server")
 
     # --- queries
 
@@ -147,7 +158,7 @@ class ModelRepository:
             return [self.route(name, version)]
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model {name!r} is not loaded on this server")
+            raise self._absent(name)
         return list(model.versions.values())
 
     def default(self, name: str) -> Served:
@@ -156,7 +167,7 @@ class ModelRepository:
     def _routing(self, name: str) -> Routing:
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model {name!r} is not loaded on this server")
+            raise self._absent(name)
         return model.routing
 
     def is_ready(self, name: str, version: str) -> bool:
@@ -185,9 +196,17 @@ class ModelRepository:
     async def start(self) -> None:
         """Load and warm the start-up models, then follow the registry."""
         names = await asyncio.to_thread(self._startup_names)
-        await asyncio.gather(*(self._reconcile_quietly(n) for n in names))
+        self._starting.update(names)
+        self._listing = False
+        await asyncio.gather(*(self._start_one(n) for n in names))
         self._follower = asyncio.create_task(self._follow(), name="registry-follower")
         self.ready = True
+
+    async def _start_one(self, name: str) -> None:
+        try:
+            await self._reconcile_quietly(name)
+        finally:
+            self._starting.discard(name)
 
     async def stop(self) -> None:
         self.ready = False
@@ -222,7 +241,7 @@ class ModelRepository:
         async with self._lock(name):
             model = self._models.pop(name, None)
             if model is None:
-                raise NotFound(f"model {name!r} is not loaded on this server")
+                raise self._absent(name)
             self._unloaded.add(name)
             self._retire(model.versions.values())
 
