@@ -13,9 +13,8 @@ from torch import nn
 
 from common.api.modelfleet.common.v1 import model_pb2
 from common.errors import InvalidArgument
-from common.models import mlp
-
-Specs = tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]
+from common.models import cnn, mlp
+from common.models.sizes import Specs
 
 
 class Family(Protocol):
@@ -54,7 +53,7 @@ class Family(Protocol):
         """The served model's input and output tensors."""
 
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (mlp.FAMILY,)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (mlp.FAMILY, cnn.FAMILY)}
 DEFAULT = mlp.FAMILY.name
 
 

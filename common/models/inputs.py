@@ -28,9 +28,27 @@ class Normalize(nn.Module):
             x = torch.where(torch.isnan(x), self.fill, x)
         return (x - self.shift) / self.scale
 
+    @torch.no_grad()
+    def load(self, norm: model_pb2.Normalization) -> None:
+        """Copy a dataset's normalization into the buffers."""
+        if norm.shift:  # kind NONE with only a fill keeps shift 0, scale 1
+            self.shift.copy_(torch.tensor(list(norm.shift), dtype=torch.float32))
+            self.scale.copy_(torch.tensor(list(norm.scale), dtype=torch.float32))
+        if self.fill is not None:
+            self.fill.copy_(torch.tensor(list(norm.fill), dtype=torch.float32))
+
 
 def is_normalized(norm: model_pb2.Normalization) -> bool:
     """Whether ``norm`` transforms inputs: a shift and scale, or a missing-value fill."""
     return norm.kind in (model_pb2.NORMALIZATION_KIND_ZSCORE, model_pb2.NORMALIZATION_KIND_MINMAX) or bool(
         norm.fill
     )
+
+
+def input_transform(width: int, norm: model_pb2.Normalization | None) -> nn.Module:
+    """``norm`` as a module over ``width`` features (its values loaded), or identity."""
+    if norm is None or not is_normalized(norm):
+        return nn.Identity()
+    module = Normalize(width, impute=bool(norm.fill))
+    module.load(norm)
+    return module

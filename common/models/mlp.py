@@ -12,16 +12,9 @@ from torch import nn
 
 from common.api.modelfleet.common.v1 import model_pb2
 from common.errors import InvalidArgument
-from common.models.inputs import Normalize, is_normalized
-
-_ACTIVATIONS: dict[int, type[nn.Module]] = {
-    model_pb2.ACTIVATION_UNSPECIFIED: nn.ReLU,
-    model_pb2.ACTIVATION_RELU: nn.ReLU,
-    model_pb2.ACTIVATION_GELU: nn.GELU,
-    model_pb2.ACTIVATION_TANH: nn.Tanh,
-    model_pb2.ACTIVATION_SIGMOID: nn.Sigmoid,
-    model_pb2.ACTIVATION_SILU: nn.SiLU,
-}
+from common.models.activations import ACTIVATIONS
+from common.models.inputs import Normalize, input_transform
+from common.models.sizes import Specs, fit_size, io_specs
 
 
 class MLP(nn.Module):
@@ -40,7 +33,7 @@ class MLP(nn.Module):
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(widths) - 2:
-                layers.append(_ACTIVATIONS[arch.activation]())
+                layers.append(ACTIVATIONS[arch.activation]())
                 if arch.dropout > 0:
                     layers.append(nn.Dropout(arch.dropout))
         self.layers = nn.Sequential(*layers)
@@ -51,16 +44,6 @@ class MLP(nn.Module):
     def linears(self) -> list[nn.Linear]:
         return [m for m in self.layers if isinstance(m, nn.Linear)]
 
-    def set_normalization(self, norm: model_pb2.Normalization) -> None:
-        """Copy a dataset's normalization into the model's buffers."""
-        if not isinstance(self.norm, Normalize):
-            raise InvalidArgument("model was built without normalization")
-        if norm.shift:  # kind NONE with only a fill keeps shift 0, scale 1
-            self.norm.shift.copy_(torch.tensor(list(norm.shift), dtype=torch.float32))
-            self.norm.scale.copy_(torch.tensor(list(norm.scale), dtype=torch.float32))
-        if self.norm.fill is not None:
-            self.norm.fill.copy_(torch.tensor(list(norm.fill), dtype=torch.float32))
-
 
 def validate_mlp(arch: model_pb2.MlpArchitecture, where: str = "architecture.mlp") -> None:
     if arch.input_size <= 0:
@@ -70,7 +53,7 @@ def validate_mlp(arch: model_pb2.MlpArchitecture, where: str = "architecture.mlp
     for i, width in enumerate(arch.hidden_sizes):
         if width <= 0:
             raise InvalidArgument(f"{where}.hidden_sizes[{i}] must be positive, got {width}")
-    if arch.activation not in _ACTIVATIONS:
+    if arch.activation not in ACTIVATIONS:
         raise InvalidArgument(f"{where}.activation {arch.activation} is unknown")
     if not 0.0 <= arch.dropout < 1.0:
         raise InvalidArgument(f"{where}.dropout must be in [0, 1), got {arch.dropout}")
@@ -83,15 +66,11 @@ def parameter_count(arch: model_pb2.MlpArchitecture) -> int:
 
 
 def build_model(arch: model_pb2.Architecture, norm: model_pb2.Normalization | None = None) -> MLP:
-    """A freshly initialised model of a built-in family."""
+    """A freshly initialised MLP (``arch.mlp``) with the input transform ``norm``."""
     family = arch.WhichOneof("family")
     if family == "mlp":
-        normalized = norm is not None and is_normalized(norm)
-        model = MLP(
-            arch.mlp, normalized=normalized, impute=normalized and norm is not None and bool(norm.fill)
-        )
-        if normalized and norm is not None:
-            model.set_normalization(norm)
+        model = MLP(arch.mlp)
+        model.norm = input_transform(arch.mlp.input_size, norm)
         return model
     raise InvalidArgument(f"architecture family {family!r} is not supported (known: mlp)")
 
@@ -131,16 +110,8 @@ class MlpFamily:
     ) -> None:
         where = f"{where}.{self.name}"
         features = math.prod(example_shape)  # an image is its flattened pixels
-        if arch.input_size == 0:
-            arch.input_size = features
-        elif arch.input_size != features:
-            raise InvalidArgument(
-                f"{where}.input_size is {arch.input_size} but {dataset} has {features} features"
-            )
-        if arch.output_size == 0:
-            arch.output_size = outputs
-        elif arch.output_size != outputs:
-            raise InvalidArgument(f"{where}.output_size is {arch.output_size} but {dataset} needs {outputs}")
+        fit_size(arch, "input_size", features, where, f"{dataset} has {features} features")
+        fit_size(arch, "output_size", outputs, where, f"{dataset} needs {outputs}")
         validate_mlp(arch, where)
 
     def parameter_count(self, arch: model_pb2.MlpArchitecture) -> int:
@@ -157,13 +128,9 @@ class MlpFamily:
             raise InvalidArgument(f"not an MLP: {type(model).__name__}")
         return model.layers
 
-    def tensor_specs(
-        self, arch: model_pb2.MlpArchitecture
-    ) -> tuple[list[model_pb2.TensorSpec], list[model_pb2.TensorSpec]]:
+    def tensor_specs(self, arch: model_pb2.MlpArchitecture) -> Specs:
         """``input`` FP32 [-1, in] and ``output`` FP32 [-1, out]."""
-        inputs = [model_pb2.TensorSpec(name="input", datatype="FP32", shape=[-1, arch.input_size])]
-        outputs = [model_pb2.TensorSpec(name="output", datatype="FP32", shape=[-1, arch.output_size])]
-        return inputs, outputs
+        return io_specs([arch.input_size], arch.output_size)
 
 
 FAMILY = MlpFamily()

@@ -20,9 +20,7 @@ model_name: digits-mlp
 """
 
 
-@pytest.mark.parametrize(
-    "name", ["train-digits.yaml", "train-digits-images.yaml", "compress-digits.yaml", "sweep-digits.yaml"]
-)
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_examples_validate(name: str) -> None:
     jobs = jobfile.load(EXAMPLES / name)
     assert jobs and all(job.kind in jobfile.KINDS for job in jobs)

@@ -22,7 +22,7 @@ ONEOF = model_pb2.Architecture.DESCRIPTOR.oneofs_by_name["family"]
 def test_every_architecture_member_has_a_family() -> None:
     assert {field.name for field in ONEOF.fields} == set(FAMILIES)
     with pytest.raises(
-        InvalidArgument, match=r"spec\.architecture family None is not supported \(known: mlp\)"
+        InvalidArgument, match=r"spec\.architecture family None is not supported \(known: cnn, mlp\)"
     ):
         family_of(model_pb2.Architecture(), "spec.architecture")
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n modelfleet/common/v1/model.proto\x12\x14modelfleet.common.v1\"\x97\x01\n\x0fMlpArchitecture\x12\x12\n\ninput_size\x18\x01 \x01(\x05\x12\x14\n\x0chidden_sizes\x18\x02 \x03(\x05\x12\x13\n\x0boutput_size\x18\x03 \x01(\x05\x12\x34\n\nactivation\x18\x04 \x01(\x0e\x32 .modelfleet.common.v1.Activation\x12\x0f\n\x07\x64ropout\x18\x05 \x01(\x02\"N\n\x0c\x41rchitecture\x12\x34\n\x03mlp\x18\x01 \x01(\x0b\x32%.modelfleet.common.v1.MlpArchitectureH\x00\x42\x08\n\x06\x66\x61mily\"r\n\rNormalization\x12\x35\n\x04kind\x18\x01 \x01(\x0e\x32\'.modelfleet.common.v1.NormalizationKind\x12\r\n\x05shift\x18\x02 \x03(\x02\x12\r\n\x05scale\x18\x03 \x03(\x02\x12\x0c\n\x04\x66ill\x18\x04 \x03(\x02\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03*R\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44\x45VICE_AUTO\x10\x01\x12\x0e\n\nDEVICE_CPU\x10\x02\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x03*\x94\x01\n\nActivation\x12\x1a\n\x16\x41\x43TIVATION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TIVATION_RELU\x10\x01\x12\x13\n\x0f\x41\x43TIVATION_GELU\x10\x02\x12\x13\n\x0f\x41\x43TIVATION_TANH\x10\x03\x12\x16\n\x12\x41\x43TIVATION_SIGMOID\x10\x04\x12\x13\n\x0f\x41\x43TIVATION_SILU\x10\x05*\x92\x01\n\x11NormalizationKind\x12\"\n\x1eNORMALIZATION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17NORMALIZATION_KIND_NONE\x10\x01\x12\x1d\n\x19NORMALIZATION_KIND_ZSCORE\x10\x02\x12\x1d\n\x19NORMALIZATION_KIND_MINMAX\x10\x03\x42GZEgithub.com/modelfleet/modelfleet/gen/go/modelfleet/common/v1;commonv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n modelfleet/common/v1/model.proto\x12\x14modelfleet.common.v1\"\x97\x01\n\x0fMlpArchitecture\x12\x12\n\ninput_size\x18\x01 \x01(\x05\x12\x14\n\x0chidden_sizes\x18\x02 \x03(\x05\x12\x13\n\x0boutput_size\x18\x03 \x01(\x05\x12\x34\n\nactivation\x18\x04 \x01(\x0e\x32 .modelfleet.common.v1.Activation\x12\x0f\n\x07\x64ropout\x18\x05 \x01(\x02\"\x9d\x01\n\tConvBlock\x12\x14\n\x0cout_channels\x18\x01 \x01(\x05\x12\x13\n\x0bkernel_size\x18\x02 \x01(\x05\x12\x0e\n\x06stride\x18\x03 \x01(\x05\x12\x12\n\nbatch_norm\x18\x04 \x01(\x08\x12.\n\x07pooling\x18\x05 \x01(\x0e\x32\x1d.modelfleet.common.v1.Pooling\x12\x11\n\tpool_size\x18\x06 \x01(\x05\"\xea\x01\n\x0f\x43nnArchitecture\x12\x13\n\x0binput_shape\x18\x01 \x03(\x05\x12/\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1f.modelfleet.common.v1.ConvBlock\x12\x13\n\x0boutput_size\x18\x03 \x01(\x05\x12\x34\n\nactivation\x18\x04 \x01(\x0e\x32 .modelfleet.common.v1.Activation\x12\x0f\n\x07\x64ropout\x18\x05 \x01(\x02\x12\x35\n\x0eglobal_pooling\x18\x06 \x01(\x0e\x32\x1d.modelfleet.common.v1.Pooling\"\x84\x01\n\x0c\x41rchitecture\x12\x34\n\x03mlp\x18\x01 \x01(\x0b\x32%.modelfleet.common.v1.MlpArchitectureH\x00\x12\x34\n\x03\x63nn\x18\x02 \x01(\x0b\x32%.modelfleet.common.v1.CnnArchitectureH\x00\x42\x08\n\x06\x66\x61mily\"r\n\rNormalization\x12\x35\n\x04kind\x18\x01 \x01(\x0e\x32\'.modelfleet.common.v1.NormalizationKind\x12\r\n\x05shift\x18\x02 \x03(\x02\x12\r\n\x05scale\x18\x03 \x03(\x02\x12\x0c\n\x04\x66ill\x18\x04 \x03(\x02\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03*R\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44\x45VICE_AUTO\x10\x01\x12\x0e\n\nDEVICE_CPU\x10\x02\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x03*\x94\x01\n\nActivation\x12\x1a\n\x16\x41\x43TIVATION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TIVATION_RELU\x10\x01\x12\x13\n\x0f\x41\x43TIVATION_GELU\x10\x02\x12\x13\n\x0f\x41\x43TIVATION_TANH\x10\x03\x12\x16\n\x12\x41\x43TIVATION_SIGMOID\x10\x04\x12\x13\n\x0f\x41\x43TIVATION_SILU\x10\x05*V\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_NONE\x10\x01\x12\x0f\n\x0bPOOLING_MAX\x10\x02\x12\x0f\n\x0bPOOLING_AVG\x10\x03*\x92\x01\n\x11NormalizationKind\x12\"\n\x1eNORMALIZATION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17NORMALIZATION_KIND_NONE\x10\x01\x12\x1d\n\x19NORMALIZATION_KIND_ZSCORE\x10\x02\x12\x1d\n\x19NORMALIZATION_KIND_MINMAX\x10\x03\x42GZEgithub.com/modelfleet/modelfleet/gen/go/modelfleet/common/v1;commonv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,18 +32,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelfleet.common.v1.model_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/modelfleet/modelfleet/gen/go/modelfleet/common/v1;commonv1'
-  _globals['_DEVICE']._serialized_start=469
-  _globals['_DEVICE']._serialized_end=551
-  _globals['_ACTIVATION']._serialized_start=554
-  _globals['_ACTIVATION']._serialized_end=702
-  _globals['_NORMALIZATIONKIND']._serialized_start=705
-  _globals['_NORMALIZATIONKIND']._serialized_end=851
+  _globals['_DEVICE']._serialized_start=921
+  _globals['_DEVICE']._serialized_end=1003
+  _globals['_ACTIVATION']._serialized_start=1006
+  _globals['_ACTIVATION']._serialized_end=1154
+  _globals['_POOLING']._serialized_start=1156
+  _globals['_POOLING']._serialized_end=1242
+  _globals['_NORMALIZATIONKIND']._serialized_start=1245
+  _globals['_NORMALIZATIONKIND']._serialized_end=1391
   _globals['_MLPARCHITECTURE']._serialized_start=59
   _globals['_MLPARCHITECTURE']._serialized_end=210
-  _globals['_ARCHITECTURE']._serialized_start=212
-  _globals['_ARCHITECTURE']._serialized_end=290
-  _globals['_NORMALIZATION']._serialized_start=292
-  _globals['_NORMALIZATION']._serialized_end=406
-  _globals['_TENSORSPEC']._serialized_start=408
-  _globals['_TENSORSPEC']._serialized_end=467
+  _globals['_CONVBLOCK']._serialized_start=213
+  _globals['_CONVBLOCK']._serialized_end=370
+  _globals['_CNNARCHITECTURE']._serialized_start=373
+  _globals['_CNNARCHITECTURE']._serialized_end=607
+  _globals['_ARCHITECTURE']._serialized_start=610
+  _globals['_ARCHITECTURE']._serialized_end=742
+  _globals['_NORMALIZATION']._serialized_start=744
+  _globals['_NORMALIZATION']._serialized_end=858
+  _globals['_TENSORSPEC']._serialized_start=860
+  _globals['_TENSORSPEC']._serialized_end=919
 # @@protoc_insertion_point(module_scope)

@@ -68,6 +68,32 @@ ACTIVATION_SIGMOID: Activation.ValueType  # 4
 ACTIVATION_SILU: Activation.ValueType  # 5
 Global___Activation: _TypeAlias = Activation  # noqa: Y015
 
+class _Pooling:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PoolingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pooling.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POOLING_UNSPECIFIED: _Pooling.ValueType  # 0
+    """after a block: none; global: average"""
+    POOLING_NONE: _Pooling.ValueType  # 1
+    """after a block only"""
+    POOLING_MAX: _Pooling.ValueType  # 2
+    POOLING_AVG: _Pooling.ValueType  # 3
+
+class Pooling(_Pooling, metaclass=_PoolingEnumTypeWrapper):
+    """Spatial pooling: after a convolution block, or over the whole feature map
+    before a CNN's head.
+    """
+
+POOLING_UNSPECIFIED: Pooling.ValueType  # 0
+"""after a block: none; global: average"""
+POOLING_NONE: Pooling.ValueType  # 1
+"""after a block only"""
+POOLING_MAX: Pooling.ValueType  # 2
+POOLING_AVG: Pooling.ValueType  # 3
+Global___Pooling: _TypeAlias = Pooling  # noqa: Y015
+
 class _NormalizationKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -138,6 +164,103 @@ class MlpArchitecture(_message.Message):
 Global___MlpArchitecture: _TypeAlias = MlpArchitecture  # noqa: Y015
 
 @_typing.final
+class ConvBlock(_message.Message):
+    """One convolution block: Conv2d ("same" padding, kernel_size // 2), optional
+    BatchNorm, the network's activation, optional pooling.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUT_CHANNELS_FIELD_NUMBER: _builtins.int
+    KERNEL_SIZE_FIELD_NUMBER: _builtins.int
+    STRIDE_FIELD_NUMBER: _builtins.int
+    BATCH_NORM_FIELD_NUMBER: _builtins.int
+    POOLING_FIELD_NUMBER: _builtins.int
+    POOL_SIZE_FIELD_NUMBER: _builtins.int
+    out_channels: _builtins.int
+    """Output channels, > 0."""
+    kernel_size: _builtins.int
+    """Odd kernel size; 0 means 3."""
+    stride: _builtins.int
+    """Convolution stride; 0 means 1."""
+    batch_norm: _builtins.bool
+    """BatchNorm2d after the convolution (the convolution then has no bias)."""
+    pooling: Global___Pooling.ValueType
+    """Pooling after the activation."""
+    pool_size: _builtins.int
+    """Pooling window and stride; 0 means 2. Ignored without pooling."""
+    def __init__(
+        self,
+        *,
+        out_channels: _builtins.int = ...,
+        kernel_size: _builtins.int = ...,
+        stride: _builtins.int = ...,
+        batch_norm: _builtins.bool = ...,
+        pooling: Global___Pooling.ValueType = ...,
+        pool_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_norm", b"batch_norm", "kernel_size", b"kernel_size", "out_channels", b"out_channels", "pool_size", b"pool_size", "pooling", b"pooling", "stride", b"stride"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConvBlock: _TypeAlias = ConvBlock  # noqa: Y015
+
+@_typing.final
+class CnnArchitecture(_message.Message):
+    """A convolutional network for images: convolution blocks, global pooling over
+    the remaining positions, dropout, then one Linear head. Takes FP32 inputs
+    [batch, channels, height, width].
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_SHAPE_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    OUTPUT_SIZE_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    GLOBAL_POOLING_FIELD_NUMBER: _builtins.int
+    output_size: _builtins.int
+    """Number of outputs (classes for classification). Filled from the dataset
+    when training.
+    """
+    activation: Global___Activation.ValueType
+    """Activation after each convolution (and BatchNorm)."""
+    dropout: _builtins.float
+    """Dropout probability before the head, in [0, 1)."""
+    global_pooling: Global___Pooling.ValueType
+    """Global pooling before the head: AVG (default) or MAX."""
+    @_builtins.property
+    def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One example's shape [channels, height, width]. Filled from the dataset when
+        training.
+        """
+
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConvBlock]:
+        """Convolution blocks in order; at least one."""
+
+    def __init__(
+        self,
+        *,
+        input_shape: _abc.Iterable[_builtins.int] | None = ...,
+        blocks: _abc.Iterable[Global___ConvBlock] | None = ...,
+        output_size: _builtins.int = ...,
+        activation: Global___Activation.ValueType = ...,
+        dropout: _builtins.float = ...,
+        global_pooling: Global___Pooling.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "blocks", b"blocks", "dropout", b"dropout", "global_pooling", b"global_pooling", "input_shape", b"input_shape", "output_size", b"output_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CnnArchitecture: _TypeAlias = CnnArchitecture  # noqa: Y015
+
+@_typing.final
 class Architecture(_message.Message):
     """A model architecture from modelfleet's built-in families. New families are
     added as new oneof members.
@@ -146,18 +269,22 @@ class Architecture(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MLP_FIELD_NUMBER: _builtins.int
+    CNN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def mlp(self) -> Global___MlpArchitecture: ...
+    @_builtins.property
+    def cnn(self) -> Global___CnnArchitecture: ...
     def __init__(
         self,
         *,
         mlp: Global___MlpArchitecture | None = ...,
+        cnn: Global___CnnArchitecture | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "mlp", b"mlp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cnn", b"cnn", "family", b"family", "mlp", b"mlp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "mlp", b"mlp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cnn", b"cnn", "family", b"family", "mlp", b"mlp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_family: _TypeAlias = _typing.Literal["mlp"]  # noqa: Y015
+    _WhichOneofReturnType_family: _TypeAlias = _typing.Literal["mlp", "cnn"]  # noqa: Y015
     _WhichOneofArgType_family: _TypeAlias = _typing.Literal["family", b"family"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_family) -> _WhichOneofReturnType_family | None: ...
 
