@@ -9,6 +9,7 @@ takes rows or images and reshapes to [B, C, H, W] itself.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ from common.api.modelfleet.common.v1 import model_pb2
 from common.errors import InvalidArgument
 from common.models.activations import ACTIVATIONS
 from common.models.inputs import input_transform
+from common.models.pruning import Kept, units_to_keep
 from common.models.sizes import Specs, fit_size, io_specs
 
 _GLOBAL_POOLS = (model_pb2.POOLING_UNSPECIFIED, model_pb2.POOLING_MAX, model_pb2.POOLING_AVG)
@@ -79,6 +81,15 @@ class ConvBody(nn.Module):
         self.pool: nn.Module = nn.AdaptiveMaxPool2d(1) if max_pool else nn.AdaptiveAvgPool2d(1)
         self.dropout: nn.Module = nn.Dropout(arch.dropout) if arch.dropout > 0 else nn.Identity()
         self.head = nn.Linear(channels, arch.output_size)
+
+    def convs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+        """Each block's convolution and its BatchNorm (None without)."""
+        pairs = []
+        for block in self.blocks:
+            conv, bn = block.get_submodule("conv"), getattr(block, "bn", None)
+            assert isinstance(conv, nn.Conv2d)
+            pairs.append((conv, bn if isinstance(bn, nn.BatchNorm2d) else None))
+        return pairs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], *self.input_shape)
@@ -218,6 +229,45 @@ class CnnFamily:
 
     def build(self, arch: model_pb2.CnnArchitecture, norm: model_pb2.Normalization | None = None) -> CNN:
         return CNN(arch, norm)
+
+    def hidden_units(self, arch: model_pb2.CnnArchitecture) -> int:
+        return sum(block.out_channels for block in arch.blocks)
+
+    @torch.no_grad()
+    def prune_units(
+        self, model: nn.Module, sparsity: float, norm: int
+    ) -> tuple[CNN, model_pb2.CnnArchitecture, dict[str, Kept]]:
+        """Each block's weakest output channels (filter norm) removed: the filter
+        and its BatchNorm entries, and the matching input channels of the next
+        convolution (or of the head)."""
+        if not isinstance(model, CNN):
+            raise InvalidArgument(f"not a CNN: {type(model).__name__}")
+        old_convs = model.body.convs()
+        kept = [units_to_keep(conv.weight, sparsity, norm) for conv, _ in old_convs]
+        arch = model_pb2.CnnArchitecture()
+        arch.CopyFrom(model.arch)
+        for spec, keep in zip(arch.blocks, kept, strict=True):
+            spec.out_channels = int(keep.numel())
+        smaller = CNN(arch)
+        smaller.norm = copy.deepcopy(model.norm)
+        shapes: dict[str, Kept] = {}
+        pairs = zip(old_convs, smaller.body.convs(), strict=True)
+        for i, ((conv, bn), (new_conv, new_bn)) in enumerate(pairs):
+            cut = Kept(rows=kept[i], cols=kept[i - 1] if i > 0 else None)
+            new_conv.weight.copy_(cut.slice(conv.weight))
+            shapes[f"body.blocks.{i}.conv.weight"] = cut
+            if conv.bias is not None and new_conv.bias is not None:
+                new_conv.bias.copy_(conv.bias[kept[i]])
+            if bn is not None and new_bn is not None:
+                targets = new_bn.state_dict()
+                for name, tensor in bn.state_dict().items():  # num_batches_tracked is a scalar
+                    targets[name].copy_(tensor if tensor.dim() == 0 else tensor[kept[i]])
+        head = Kept(cols=kept[-1])
+        smaller.body.head.weight.copy_(head.slice(model.body.head.weight))
+        smaller.body.head.bias.copy_(model.body.head.bias)
+        shapes["body.head.weight"] = head
+        smaller.train(model.training)
+        return smaller.to(model.body.head.weight.device), arch, shapes
 
     def trainable(self, model: nn.Module) -> nn.Module:
         if not isinstance(model, CNN):

@@ -1,8 +1,9 @@
-"""The COMPRESSED artifact format: sparse and/or quantized MLP weights in one
-safetensors file, plus a JSON metadata entry describing how each tensor is
-encoded and which runtime rebuilds the module.
+"""The COMPRESSED artifact format: sparse and/or quantized weights of a built-in
+family's model in one safetensors file, plus a JSON metadata entry describing
+how each tensor is encoded and which runtime rebuilds the module (the family
+and its sizes are the registered version's architecture).
 
-Per tensor ``<name>`` (a key of the MLP state dict) the file holds one of:
+Per tensor ``<name>`` (a key of the model's state dict) the file holds one of:
 
 - dense: ``<name>`` as float32/float16/bfloat16;
 - sparse: ``<name>.mask`` (one bit per element, ``np.packbits`` big-endian) and
@@ -14,8 +15,9 @@ Per tensor ``<name>`` (a key of the MLP state dict) the file holds one of:
   channel). Combined with sparse, codes are stored for the non-zeros only.
 
 Runtimes: ``fp32``/``fp16``/``bf16`` (dense float weights of that dtype) and
-``int8_dynamic`` (``quantize_dynamic`` Linear layers on CPU; dequantized fp32
-weights on CUDA, where those kernels do not exist). Nothing is unpickled.
+``int8_dynamic`` (dynamic-quantized Linear layers on CPU, other layers fp32;
+dequantized fp32 weights on CUDA, where those kernels do not exist). Nothing is
+unpickled.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from torch import nn
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.errors import DataLoss, InvalidArgument
-from common.models.mlp import MLP, build_model
+from common.models.families import family_of
+from common.models.pruning import weight_layers
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class CompressedTensors:
     """What :func:`save_compressed` writes: float tensors (zeros mark pruned
     weights) and, for quantized layers, their codes."""
 
-    arch: model_pb2.MlpArchitecture
+    arch: model_pb2.Architecture
     normalization: model_pb2.Normalization
     tensors: dict[str, torch.Tensor]
     quantized: dict[str, QuantizedTensor]
@@ -100,9 +103,9 @@ def save_compressed(bundle: CompressedTensors, path: Path) -> None:
     for name, tensor in bundle.tensors.items():
         dense = tensor.detach().to("cpu", torch.float32)
         quant = bundle.quantized.get(name)
-        is_weight = name.startswith("layers.") and name.endswith(".weight")
+        is_weight = name.endswith(".weight") and dense.dim() >= 2
         # Normalization buffers stay float32: they act on raw features of any range.
-        store_dtype = layer_dtype if name.startswith("layers.") else torch.float32
+        store_dtype = torch.float32 if name.startswith("norm.") else layer_dtype
         mask = dense != 0
         nnz = int(mask.sum())
         value_bytes = (quant.bits / 8) if quant else torch.finfo(store_dtype).bits / 8
@@ -229,81 +232,64 @@ class CastTo(nn.Module):
         return x.to(self.dtype)
 
 
-class CompressedMLP(nn.Module):
-    """Same contract as :class:`MLP`: ``forward`` takes raw features,
-    ``layers`` takes normalized float32 features; outputs are float32."""
-
-    def __init__(self, norm: nn.Module, layers: nn.Sequential, runtime: str) -> None:
-        super().__init__()
-        self.norm = norm
-        self.layers = layers
-        self.runtime = runtime
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.norm(x))
-
-
 def build_runtime_module(
-    arch: model_pb2.MlpArchitecture,
+    arch: model_pb2.Architecture,
     normalization: model_pb2.Normalization,
     tensors: dict[str, torch.Tensor],
     quantized: dict[str, QuantizedTensor],
     runtime: str,
     device: torch.device,
-) -> CompressedMLP:
-    """A runnable module in eval mode on ``device`` from decoded tensors."""
-    mlp = build_model(model_pb2.Architecture(mlp=arch), normalization)
+) -> nn.Module:
+    """The family's module in eval mode on ``device``, from decoded tensors, with
+    ``runtime`` applied to its trainable part (which keeps taking normalized
+    float32 features and giving float32 outputs)."""
+    family, member = family_of(arch, "compressed version: architecture")
+    model = family.build(member, normalization)
     try:
-        mlp.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise DataLoss(f"compressed tensors do not match the architecture: {exc}") from None
-    mlp.eval()
+    model.eval()
     if runtime == "int8_dynamic" and device.type != "cpu":
         log.warning("int8 dynamic kernels are CPU-only; serving dequantized fp32 weights on %s", device)
         runtime = "fp32"
     if runtime == "int8_dynamic":
-        layers = _int8_dynamic_layers(mlp, quantized)
-    else:
+        _int8_dynamic_linears(model, quantized)
+    elif runtime != "fp32":
         dtype = _FLOAT_DTYPES[runtime]
-        body = [m.to(dtype) for m in mlp.layers]
-        layers = (
-            nn.Sequential(*body)
-            if dtype == torch.float32
-            else nn.Sequential(CastTo(dtype), *body, CastTo(torch.float32))
-        )
-    module = CompressedMLP(mlp.norm, layers, runtime)
-    return module.to(device).eval()
+        body = family.trainable(model)
+        (name,) = [n for n, child in model.named_children() if child is body]
+        setattr(model, name, nn.Sequential(CastTo(dtype), body.to(dtype), CastTo(torch.float32)))
+    return model.to(device).eval()
 
 
-def _int8_dynamic_layers(mlp: MLP, quantized: dict[str, QuantizedTensor]) -> nn.Sequential:
-    """Dynamic-quantized Linear layers holding exactly the stored int8 codes."""
+def _int8_dynamic_linears(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
+    """Replace every Linear with a dynamic-quantized one holding exactly the stored int8 codes."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    out: list[nn.Module] = []
-    for index, module in enumerate(mlp.layers):
+    for name, module in weight_layers(model).items():
         if not isinstance(module, nn.Linear):
-            out.append(module)
-            continue
-        q = quantized.get(f"layers.{index}.weight")
+            continue  # no dynamic int8 convolution exists: it computes with the dequantized codes
+        q = quantized.get(f"{name}.weight")
         if q is None or q.bits != 8 or not q.symmetric:
-            raise DataLoss(f"layers.{index}.weight has no int8 codes for the int8_dynamic runtime")
+            raise DataLoss(f"{name}.weight has no int8 codes for the int8_dynamic runtime")
         qlinear = DynamicLinear(module.in_features, module.out_features, dtype=torch.qint8)
         # Quantizing (codes * scale) with the same scales reproduces the codes exactly.
         qweight = torch.quantize_per_channel(
             q.dequantize(), q.scale.to(torch.float64), q.zero_point.to(torch.int64), 0, torch.qint8
         )
         qlinear.set_weight_bias(qweight, module.bias.detach())
-        out.append(qlinear)
-    return nn.Sequential(*out)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, qlinear)
 
 
-def load_compressed(version: registry_pb2.ModelVersion, path: Path, device: torch.device) -> CompressedMLP:
+def load_compressed(version: registry_pb2.ModelVersion, path: Path, device: torch.device) -> nn.Module:
     """Rebuild a registered COMPRESSED version as a runnable module."""
-    if version.architecture.WhichOneof("family") != "mlp":
-        raise InvalidArgument(f"compressed version {version.version} has no MLP architecture")
+    if version.architecture.WhichOneof("family") is None:
+        raise InvalidArgument(f"compressed version {version.version} has no architecture")
     bundle = read_compressed(path)
     return build_runtime_module(
-        version.architecture.mlp,
+        version.architecture,
         version.normalization,
         bundle.tensors,
         bundle.quantized,

@@ -14,6 +14,7 @@ from torch import nn
 from common.api.modelfleet.common.v1 import model_pb2
 from common.errors import InvalidArgument
 from common.models import cnn, mlp
+from common.models.pruning import Kept
 from common.models.sizes import Specs
 
 
@@ -44,6 +45,16 @@ class Family(Protocol):
     def build(self, arch: Any, norm: model_pb2.Normalization | None = None) -> nn.Module:
         """A fresh module taking raw inputs: the dataset's input transform ``norm``
         (normalization, imputation) baked in, then the trainable part."""
+
+    def hidden_units(self, arch: Any) -> int:
+        """How many units (neurons, channels) structured pruning may remove from; 0: none."""
+
+    def prune_units(
+        self, model: nn.Module, sparsity: float, norm: int
+    ) -> tuple[nn.Module, Any, dict[str, Kept]]:
+        """A smaller copy of a built ``model``: each prunable layer's ``sparsity``
+        share of units with the smallest L``norm`` weight norm physically removed.
+        Returns it, its architecture, and per weight (state-dict key) what was kept."""
 
     def trainable(self, model: nn.Module) -> nn.Module:
         """The part of a built model that training updates; it takes transformed

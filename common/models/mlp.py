@@ -3,6 +3,7 @@ preceded by the input normalization of the dataset it was trained on."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from common.api.modelfleet.common.v1 import model_pb2
 from common.errors import InvalidArgument
 from common.models.activations import ACTIVATIONS
 from common.models.inputs import Normalize, input_transform
+from common.models.pruning import Kept, units_to_keep
 from common.models.sizes import Specs, fit_size, io_specs
 
 
@@ -122,6 +124,34 @@ class MlpFamily:
 
     def build(self, arch: model_pb2.MlpArchitecture, norm: model_pb2.Normalization | None = None) -> MLP:
         return build_model(model_pb2.Architecture(mlp=arch), norm)
+
+    def hidden_units(self, arch: model_pb2.MlpArchitecture) -> int:
+        return sum(arch.hidden_sizes)
+
+    @torch.no_grad()
+    def prune_units(
+        self, model: nn.Module, sparsity: float, norm: int
+    ) -> tuple[MLP, model_pb2.MlpArchitecture, dict[str, Kept]]:
+        """Each hidden layer's weakest neurons (incoming weight norm) removed: the
+        neuron's row in its Linear and its column in the next."""
+        if not isinstance(model, MLP):
+            raise InvalidArgument(f"not an MLP: {type(model).__name__}")
+        indices = [i for i, m in enumerate(model.layers) if isinstance(m, nn.Linear)]
+        source = model.linears()
+        kept = [units_to_keep(layer.weight, sparsity, norm) for layer in source[:-1]]
+        arch = model_pb2.MlpArchitecture()
+        arch.CopyFrom(model.arch)
+        arch.hidden_sizes[:] = [int(k.numel()) for k in kept]
+        smaller = MLP(arch)
+        smaller.norm = copy.deepcopy(model.norm)
+        shapes: dict[str, Kept] = {}
+        for i, (old, new) in enumerate(zip(source, smaller.linears(), strict=True)):
+            cut = Kept(rows=kept[i] if i < len(kept) else None, cols=kept[i - 1] if i > 0 else None)
+            new.weight.copy_(cut.slice(old.weight))
+            new.bias.copy_(Kept(rows=cut.rows).slice(old.bias))
+            shapes[f"layers.{indices[i]}.weight"] = cut
+        smaller.train(model.training)
+        return smaller.to(source[0].weight.device), arch, shapes
 
     def trainable(self, model: nn.Module) -> nn.Module:
         if not isinstance(model, MLP):

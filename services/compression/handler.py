@@ -21,9 +21,8 @@ from common.device import resolve_device
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from common.jobs import JobCancelledError, JobContext, JobOutcome, PermanentJobError
 from common.models.compressed import load_compressed, save_compressed
-from common.models.families import tensor_specs
+from common.models.families import family_of, tensor_specs
 from common.models.loading import load_model
-from common.models.mlp import MLP
 from common.registry import ModelRegistry
 from common.settings import Settings
 from services.compression.ops.finetune import TrainData
@@ -68,8 +67,6 @@ class CompressionHandler:
             raise PermanentJobError(exc.message) from exc
         spec = resolved.spec
         source = load_model(resolved.source, self.store, device).module
-        if not isinstance(source, MLP):
-            raise PermanentJobError(f"source {spec.source_model} version {spec.source_version} is not an MLP")
         total = len(spec.steps) + 1  # + measuring and registering
 
         def check_cancel() -> None:
@@ -87,6 +84,7 @@ class CompressionHandler:
         check_cancel()
         result = run_pipeline(
             source,
+            resolved.source.architecture,
             resolved.source.normalization,
             spec.steps,
             lambda: self._train_data(resolved),
@@ -146,20 +144,23 @@ class CompressionHandler:
     def _report(
         self,
         resolved: ResolvedSpec,
-        source: MLP,
+        source: torch.nn.Module,
         result: PipelineResult,
         ref: ArtifactRef,
         device: torch.device,
     ) -> spec_pb2.CompressionReport:
         data, where = self._eval_data(resolved)
-        input_size = result.bundle.arch.input_size
+        family, _ = family_of(result.bundle.arch)
+        inputs, _ = tensor_specs(result.bundle.arch)
+        shape = list(inputs[0].shape[1:])
         # Measure what inference will serve: the module rebuilt from the stored bytes.
         served = load_compressed(
             self._version_stub(resolved, result), Path(self.store.path(ref.digest)), device
         )
+        source_bytes = resolved.source.artifact_size_bytes
         report = spec_pb2.CompressionReport(
-            source=measure(source, source, input_size, resolved.source.artifact_size_bytes, device, data),
-            compressed=measure(served, result.model, input_size, ref.size, device, data),
+            source=measure(source, family.trainable(source), source, shape, source_bytes, device, data),
+            compressed=measure(served, family.trainable(served), result.model, shape, ref.size, device, data),
         )
         report.notes.extend(
             [*measured_notes(report), *result.notes, where, f"latency measured on {device} by this worker"]
@@ -169,7 +170,7 @@ class CompressionHandler:
     @staticmethod
     def _version_stub(resolved: ResolvedSpec, result: PipelineResult) -> registry_pb2.ModelVersion:
         stub = registry_pb2.ModelVersion()
-        stub.architecture.mlp.CopyFrom(result.bundle.arch)
+        stub.architecture.CopyFrom(result.bundle.arch)
         stub.normalization.CopyFrom(resolved.source.normalization)
         return stub
 

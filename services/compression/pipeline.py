@@ -1,4 +1,5 @@
-"""Applies a job's steps, in order, to a copy of the source MLP and produces
+"""Applies a job's steps, in order, to a copy of the source model (any built-in
+family) and produces
 what gets stored: float tensors (zeros where pruned), quantized codes and the
 runtime, plus human-readable step descriptions and notes for the report."""
 
@@ -14,12 +15,11 @@ import torch
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
 from common.models.compressed import CompressedTensors
-from common.models.mlp import MLP
+from common.models.families import Family, family_of
 from services.compression.ops.finetune import FinetuneConfig, TrainData, finetune
 from services.compression.ops.l1ball import project_model_weights
 from services.compression.ops.magnitude import prune_magnitude
 from services.compression.ops.quantize import quantize_model
-from services.compression.ops.structured import prune_neurons
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ StepHook = Callable[[int, str], None]
 
 @dataclass
 class PipelineResult:
-    model: MLP  # float32, dequantized weights: what the stored artifact computes
+    model: torch.nn.Module  # float32, dequantized weights: what the stored artifact computes
     bundle: CompressedTensors
     steps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -39,15 +39,18 @@ class PipelineResult:
 
 @dataclass
 class _State:
-    model: MLP
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    family: Family
+    arch: model_pb2.Architecture
+    model: torch.nn.Module
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> kept entries
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        for index, mask in self.masks.items():
-            layer = self.model.layers[index]
-            assert isinstance(layer, torch.nn.Linear)
-            layer.weight.mul_(mask)
+        for name, mask in self.masks.items():
+            self.model.get_parameter(name).mul_(mask)
+
+    def body(self) -> torch.nn.Module:
+        return self.family.trainable(self.model)
 
 
 def describe(step: spec_pb2.CompressionStep) -> str:
@@ -58,7 +61,8 @@ def describe(step: spec_pb2.CompressionStep) -> str:
         return f"magnitude pruning to {p.sparsity:g} sparsity ({scope})"
     if kind == "structured_pruning":
         s = step.structured_pruning
-        return f"structured pruning of {s.sparsity:g} of hidden neurons by L{s.norm or 2} norm"
+        units = "hidden units (neurons, channels)"
+        return f"structured pruning of {s.sparsity:g} of {units} by L{s.norm or 2} norm"
     if kind == "l1_constrained_finetune":
         c = step.l1_constrained_finetune
         return f"L1-constrained fine-tune (radius {c.radius:g}, {c.epochs} epochs, lr {c.learning_rate:g})"
@@ -74,7 +78,8 @@ def describe(step: spec_pb2.CompressionStep) -> str:
 
 
 def run_pipeline(
-    source: MLP,
+    source: torch.nn.Module,
+    arch: model_pb2.Architecture,
     normalization: model_pb2.Normalization,
     steps: Sequence[spec_pb2.CompressionStep],
     train_data: Callable[[], TrainData],
@@ -83,10 +88,12 @@ def run_pipeline(
     on_step: StepHook = lambda index, text: None,
     on_epoch: EpochHook = lambda index, epoch, loss: None,
 ) -> PipelineResult:
-    """Steps must already be validated (services.compression.spec)."""
+    """``source`` is a built model of ``arch``'s family; steps must already be
+    validated (services.compression.spec)."""
     torch.manual_seed(seed)
-    state = _State(copy.deepcopy(source).eval())
-    teacher = copy.deepcopy(source.layers).eval().requires_grad_(False)
+    family, _ = family_of(arch)
+    state = _State(family, copy.deepcopy(arch), copy.deepcopy(source).eval())
+    teacher = copy.deepcopy(family.trainable(source)).eval().requires_grad_(False)
     quantized, runtime = {}, "fp32"
     result_steps: list[str] = []
     notes: list[str] = []
@@ -101,8 +108,9 @@ def run_pipeline(
             )
         elif kind == "structured_pruning":
             s = step.structured_pruning
-            state.model, kept = prune_neurons(state.model, s.sparsity, s.norm or 2)
-            state.masks = _carry_masks(state.masks, kept)
+            state.model, member, kept = family.prune_units(state.model, s.sparsity, s.norm or 2)
+            getattr(state.arch, family.name).CopyFrom(member)
+            state.masks = {n: kept[n].slice(m) if n in kept else m for n, m in state.masks.items()}
             notes.append("structured pruning: smaller dense layers, fewer FLOPs at every batch size")
         elif kind in ("l1_constrained_finetune", "finetune"):
             _finetune_step(state, step, index, train_data(), teacher, seed, on_epoch)
@@ -121,25 +129,8 @@ def run_pipeline(
         on_step(index, text)
     model = state.model.eval()
     tensors = {name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()}
-    bundle = CompressedTensors(model.arch, normalization, tensors, quantized, runtime)
+    bundle = CompressedTensors(state.arch, normalization, tensors, quantized, runtime)
     return PipelineResult(model, bundle, result_steps, notes)
-
-
-def _carry_masks(masks: dict[int, torch.Tensor], kept: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Slice unstructured masks to the neurons structured pruning kept."""
-    out: dict[int, torch.Tensor] = {}
-    linear_indices = sorted(masks)
-    previous: torch.Tensor | None = None
-    for index in sorted(set(linear_indices) | set(kept)):
-        if index in masks:
-            mask = masks[index]
-            if index in kept:
-                mask = mask[kept[index].to(mask.device)]
-            if previous is not None:
-                mask = mask[:, previous.to(mask.device)]
-            out[index] = mask
-        previous = kept.get(index)
-    return out
 
 
 def _finetune_step(
@@ -175,7 +166,7 @@ def _finetune_step(
     device = next(state.model.parameters()).device
     teacher = teacher.to(device)
     finetune(
-        state.model.layers,
+        state.body(),
         data,
         config,
         teacher=teacher,

@@ -2,19 +2,18 @@
 latency at batch 1 and 32 on this worker, and the task metric on held-out data.
 
 Latency is the median of a bounded number of timed calls after warm-up, on the
-module exactly as served (raw features in, float32 out)."""
+module exactly as served (raw inputs in, float32 out)."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
-from common.models.compressed import CompressedMLP
-from common.models.mlp import MLP
 from services.compression.ops.finetune import TrainData
 
 WARMUP_CALLS = 3
@@ -22,22 +21,24 @@ TIMED_CALLS = 20
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters) of the float model's Linear layers."""
+    """(parameters, non-zero parameters) of the float model (weights, biases,
+    BatchNorm affine; not buffers such as normalization or running statistics)."""
     total = nonzero = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            for tensor in (module.weight, module.bias):
-                if tensor is not None:
-                    total += tensor.numel()
-                    nonzero += int(torch.count_nonzero(tensor))
+    for tensor in model.parameters():
+        total += tensor.numel()
+        nonzero += int(torch.count_nonzero(tensor))
     return total, nonzero
 
 
 @torch.inference_mode()
 def latency_ms(
-    module: nn.Module, input_size: int, batch: int, device: torch.device, calls: int = TIMED_CALLS
+    module: nn.Module,
+    example_shape: Sequence[int],
+    batch: int,
+    device: torch.device,
+    calls: int = TIMED_CALLS,
 ) -> float:
-    x = torch.randn(batch, input_size, device=device)
+    x = torch.randn(batch, *example_shape, device=device)
     timings: list[float] = []
     for i in range(WARMUP_CALLS + calls):
         if device.type == "cuda":
@@ -79,25 +80,27 @@ def _module_device(module: nn.Module) -> torch.device:
 
 
 def measure(
-    module: MLP | CompressedMLP,
-    float_model: MLP,
-    input_size: int,
+    module: nn.Module,
+    body: nn.Module,
+    float_model: nn.Module,
+    example_shape: Sequence[int],
     bytes_on_disk: int,
     device: torch.device,
     data: TrainData | None,
 ) -> spec_pb2.ModelMeasurements:
-    """``module`` is what serves (raw features); ``float_model`` the same
-    weights in float32 for counting; ``data`` the normalized evaluation split."""
+    """``module`` is what serves (raw inputs of ``example_shape``) and ``body``
+    its part taking normalized features; ``float_model`` the same weights in
+    float32 for counting; ``data`` the normalized evaluation split."""
     parameters, nonzero = count_parameters(float_model)
     out = spec_pb2.ModelMeasurements(
         parameters=parameters,
         nonzero_parameters=nonzero,
         bytes_on_disk=bytes_on_disk,
-        latency_batch1_ms=latency_ms(module, input_size, 1, device),
-        latency_batch32_ms=latency_ms(module, input_size, 32, device),
+        latency_batch1_ms=latency_ms(module, example_shape, 1, device),
+        latency_batch32_ms=latency_ms(module, example_shape, 32, device),
     )
     if data is not None:
-        out.metric_name, out.metric_value = task_metric(module.layers, data)
+        out.metric_name, out.metric_value = task_metric(body, data)
     return out
 
 

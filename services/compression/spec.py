@@ -14,6 +14,7 @@ from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.datasets import DatasetCatalog, DatasetRecord
 from common.errors import InvalidArgument
+from common.models.families import FAMILIES, family_of
 from common.names import validate_name
 from common.registry import ModelRegistry
 
@@ -112,18 +113,19 @@ def validate_fields(spec: spec_pb2.CompressionSpec) -> None:
 
 def validate_applies(spec: spec_pb2.CompressionSpec, source: registry_pb2.ModelVersion) -> None:
     """Every step must apply to the source model's layers."""
-    is_mlp = source.architecture.WhichOneof("family") == "mlp"
-    hidden = len(source.architecture.mlp.hidden_sizes) if is_mlp else 0
+    built_in = source.architecture.WhichOneof("family") in FAMILIES
     for index, step in enumerate(spec.steps):
         where = f"steps[{index}].{step.WhichOneof('step')}"
-        if source.format != registry_pb2.MODEL_FORMAT_SAFETENSORS or not is_mlp:
+        if source.format != registry_pb2.MODEL_FORMAT_SAFETENSORS or not built_in:
             fmt = registry_pb2.ModelFormat.Name(source.format).removeprefix("MODEL_FORMAT_")
             raise InvalidArgument(
                 f"{where} does not apply to {source.model_name} version {source.version}: a {fmt} model "
-                "(only built-in MLPs stored as SAFETENSORS can be compressed)"
+                f"(models of a built-in family ({', '.join(sorted(FAMILIES))}) stored as SAFETENSORS "
+                "can be compressed)"
             )
-        if step.HasField("structured_pruning") and hidden == 0:
-            raise InvalidArgument(f"{where} does not apply: the model has no hidden layers")
+        family, member = family_of(source.architecture)
+        if step.HasField("structured_pruning") and family.hidden_units(member) == 0:
+            raise InvalidArgument(f"{where} does not apply: the model has no hidden units to remove")
 
 
 def resolve(spec: spec_pb2.CompressionSpec, registry: ModelRegistry, catalog: DatasetCatalog) -> ResolvedSpec:
@@ -143,7 +145,8 @@ def resolve(spec: spec_pb2.CompressionSpec, registry: ModelRegistry, catalog: Da
     if dataset_name:
         dataset = catalog.get(dataset_name, dataset_version)
         pinned.dataset_name, pinned.dataset_version = dataset.meta.name, dataset.meta.version
-        expected = source.architecture.mlp.input_size
+        family, member = family_of(source.architecture)
+        expected = family.input_width(member)
         if dataset.meta.num_features and dataset.meta.num_features != expected:
             raise InvalidArgument(
                 f"dataset_name: {dataset_name} version {dataset.meta.version} has "

@@ -11,11 +11,11 @@ import torch
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
 from common.models.compressed import pack_bits, unpack_bits
+from common.models.families import FAMILIES
 from common.models.mlp import MLP, build_model
 from services.compression.ops.l1ball import project_l1_ball, project_model_weights
 from services.compression.ops.magnitude import keep_count, magnitude_masks, prune_magnitude, topk_mask
 from services.compression.ops.quantize import quantize_model, quantize_per_channel
-from services.compression.ops.structured import prune_neurons
 
 torch.set_num_threads(1)
 
@@ -62,29 +62,54 @@ def test_prune_magnitude_zeroes_model_weights_in_place_and_keeps_biases() -> Non
     for layer, bias in zip(model.linears(), biases, strict=True):
         assert int(torch.count_nonzero(layer.weight)) == round(0.25 * layer.weight.numel())
         assert torch.equal(layer.bias, bias)
-    assert sorted(masks) == [0, 2, 4]
+    assert sorted(masks) == ["layers.0.weight", "layers.2.weight", "layers.4.weight"]
 
 
+def _cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    arch = model_pb2.CnnArchitecture(
+        input_shape=[2, 6, 6],
+        blocks=[
+            model_pb2.ConvBlock(out_channels=10, batch_norm=True, pooling=model_pb2.POOLING_MAX),
+            model_pb2.ConvBlock(out_channels=8, kernel_size=1),
+        ],
+        output_size=3,
+    )
+    model = FAMILIES["cnn"].build(arch)
+    for name, buffer in model.named_buffers():  # BatchNorm statistics pruning must carry
+        if "running" in name:
+            buffer.copy_(torch.rand(buffer.shape) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
 @pytest.mark.parametrize("norm", [1, 2])
-def test_structured_pruning_shrinks_shapes_and_keeps_function_of_kept_neurons(norm: int) -> None:
-    model = _mlp([10, 8]).eval()
-    smaller, kept = prune_neurons(model, 0.5, norm)
-    assert list(smaller.arch.hidden_sizes) == [5, 4]
-    shapes = [tuple(m.weight.shape) for m in smaller.linears()]
-    assert shapes == [(5, 6), (4, 5), (3, 4)]
-    # Kept neurons are the largest-norm rows.
-    first = model.linears()[0].weight
-    scores = torch.linalg.vector_norm(first, ord=norm, dim=1)
-    assert set(kept[0].tolist()) == set(torch.topk(scores, 5).indices.tolist())
-    # The reference: the original with removed neurons' outgoing weights zeroed.
+def test_structured_pruning_shrinks_layers_and_keeps_the_function_of_kept_units(
+    family: str, norm: int
+) -> None:
+    model = _mlp([10, 8]).eval() if family == "mlp" else _cnn()
+    smaller, arch, kept = FAMILIES[family].prune_units(model, 0.5, norm)
+    sizes = list(arch.hidden_sizes) if family == "mlp" else [b.out_channels for b in arch.blocks]
+    assert sizes == [5, 4]
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in model.parameters())
+    # The smaller model is exactly a model of its new architecture.
+    FAMILIES[family].build(arch).load_state_dict(smaller.state_dict(), strict=True)
+    for name, cut in kept.items():
+        old = model.get_parameter(name)
+        assert smaller.get_parameter(name).shape == cut.slice(old).shape
+        if cut.rows is not None:  # kept units are the largest-norm rows
+            scores = torch.linalg.vector_norm(old.reshape(old.shape[0], -1), ord=norm, dim=1)
+            assert set(cut.rows.tolist()) == set(torch.topk(scores, len(cut.rows)).indices.tolist())
+    # The reference: the original with the removed units' outgoing weights zeroed.
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        lin = reference.linears()
-        for i, keep in enumerate([kept[0], kept[2]]):
-            dropped = torch.ones(lin[i + 1].weight.shape[1], dtype=torch.bool)
-            dropped[keep] = False
-            lin[i + 1].weight[:, dropped] = 0
-    x = torch.randn(32, 6)
+        for name, cut in kept.items():
+            if cut.cols is not None:
+                weight = reference.get_parameter(name)
+                dropped = torch.ones(weight.shape[1], dtype=torch.bool)
+                dropped[cut.cols] = False
+                weight[:, dropped] = 0
+    x = torch.randn(32, 6) if family == "mlp" else torch.randn(32, 2, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(smaller(x), reference(x))
 

@@ -1,5 +1,6 @@
-"""Every compressed format round-trips through save_compressed/load_compressed
-with identical outputs, shrinks on disk as promised, and serves what was stored."""
+"""Every compressed format, for every built-in family, round-trips through
+save_compressed/load_compressed with identical outputs, shrinks on disk as
+promised, and serves what was stored."""
 
 from __future__ import annotations
 
@@ -13,20 +14,47 @@ from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.models.compressed import build_runtime_module, load_compressed, save_compressed
-from common.models.mlp import MLP, build_model
+from common.models.families import FAMILIES, family_of
+from common.models.pruning import weight_layers
 from services.compression.ops.finetune import TrainData
 from services.compression.pipeline import PipelineResult, run_pipeline
 
 torch.set_num_threads(1)
 
-NORM = model_pb2.Normalization(kind=model_pb2.NORMALIZATION_KIND_ZSCORE, shift=[0.5] * 16, scale=[2.0] * 16)
 Q = spec_pb2.QuantizationMethod
+# One small source per family; each takes 16 raw features (the CNN as 1x4x4 images).
+ARCHS = {
+    "mlp": model_pb2.Architecture(
+        mlp=model_pb2.MlpArchitecture(input_size=16, hidden_sizes=[64, 32], output_size=4)
+    ),
+    "cnn": model_pb2.Architecture(
+        cnn=model_pb2.CnnArchitecture(
+            input_shape=[1, 4, 4],
+            blocks=[
+                model_pb2.ConvBlock(out_channels=16, batch_norm=True, pooling=model_pb2.POOLING_MAX),
+                model_pb2.ConvBlock(out_channels=8),
+            ],
+            output_size=4,
+        )
+    ),
+}
+NORM = model_pb2.Normalization(kind=model_pb2.NORMALIZATION_KIND_ZSCORE, shift=[0.5] * 16, scale=[2.0] * 16)
 
 
-def _source() -> MLP:
+def _source(family: str = "mlp") -> torch.nn.Module:
     torch.manual_seed(0)
-    arch = model_pb2.MlpArchitecture(input_size=16, hidden_sizes=[64, 32], output_size=4)
-    return build_model(model_pb2.Architecture(mlp=arch), NORM).eval()
+    kind, member = family_of(ARCHS[family])
+    model = kind.build(member, NORM)
+    # Fresh BatchNorm statistics are 0/1: give them values, so pruning must carry them.
+    for name, buffer in model.named_buffers():
+        if "running" in name:
+            buffer.copy_(torch.rand(buffer.shape) + 0.5)
+    return model.eval()
+
+
+def _inputs(family: str, rows: int) -> torch.Tensor:
+    (spec, *_), _ = FAMILIES[family].tensor_specs(getattr(ARCHS[family], family))
+    return torch.randn(rows, *spec.shape[1:]) * 3 + 1
 
 
 def _data() -> TrainData:
@@ -83,14 +111,15 @@ def _save(result: PipelineResult, path: Path) -> registry_pb2.ModelVersion:
     version = registry_pb2.ModelVersion(
         model_name="m", version="1", format=registry_pb2.MODEL_FORMAT_COMPRESSED
     )
-    version.architecture.mlp.CopyFrom(result.bundle.arch)
+    version.architecture.CopyFrom(result.bundle.arch)
     version.normalization.CopyFrom(NORM)
     return version
 
 
+@pytest.mark.parametrize("family", sorted(ARCHS))
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_round_trip_gives_identical_outputs(name: str, tmp_path: Path) -> None:
-    result = run_pipeline(_source(), NORM, FORMATS[name], _data)
+def test_round_trip_gives_identical_outputs(family: str, name: str, tmp_path: Path) -> None:
+    result = run_pipeline(_source(family), ARCHS[family], NORM, FORMATS[name], _data)
     version = _save(result, tmp_path / "m.safetensors")
     loaded = load_compressed(version, tmp_path / "m.safetensors", torch.device("cpu"))
     in_memory = build_runtime_module(
@@ -101,7 +130,7 @@ def test_round_trip_gives_identical_outputs(name: str, tmp_path: Path) -> None:
         result.bundle.runtime,
         torch.device("cpu"),
     )
-    x = torch.randn(8, 16) * 3 + 1
+    x = _inputs(family, 8)
     with torch.no_grad():
         out = loaded(x)
         assert out.dtype == torch.float32 and out.shape == (8, 4)
@@ -114,23 +143,27 @@ def test_round_trip_gives_identical_outputs(name: str, tmp_path: Path) -> None:
 def test_sparse_storage_shrinks_with_sparsity(tmp_path: Path) -> None:
     sizes = {}
     for sparsity in (0.0, 0.5, 0.9):
-        result = run_pipeline(_source(), NORM, [_prune(sparsity)], _data)
+        result = run_pipeline(_source(), ARCHS["mlp"], NORM, [_prune(sparsity)], _data)
         save_compressed(result.bundle, tmp_path / f"{sparsity}.st")
         sizes[sparsity] = (tmp_path / f"{sparsity}.st").stat().st_size
     assert sizes[0.9] < sizes[0.5] < sizes[0.0]
     assert sizes[0.0] / sizes[0.9] > 3
 
 
-def test_int8_dynamic_serves_the_stored_int8_weights(tmp_path: Path) -> None:
-    source = _source()
-    result = run_pipeline(source, NORM, FORMATS["int8-dynamic"], _data)
+@pytest.mark.parametrize(("family", "linears"), [("mlp", 3), ("cnn", 1)])
+def test_int8_dynamic_serves_the_stored_int8_weights(family: str, linears: int, tmp_path: Path) -> None:
+    source = _source(family)
+    result = run_pipeline(source, ARCHS[family], NORM, FORMATS["int8-dynamic"], _data)
     module = load_compressed(_save(result, tmp_path / "q.st"), tmp_path / "q.st", torch.device("cpu"))
-    dynamic = [m for m in module.layers if isinstance(m, DynamicLinear)]
-    assert len(dynamic) == 3
-    for index, layer in zip((0, 2, 4), dynamic, strict=True):
-        stored = result.bundle.quantized[f"layers.{index}.weight"]
+    dynamic = {n: m for n, m in module.named_modules() if isinstance(m, DynamicLinear)}
+    assert len(dynamic) == linears
+    for name, layer in dynamic.items():
+        stored = result.bundle.quantized[f"{name}.weight"]
         assert torch.equal(layer.weight().int_repr(), stored.codes)
-    x = torch.randn(4, 16)
+    # Convolutions keep their int8 codes on disk and compute with them dequantized.
+    for name, conv in weight_layers(module).items():
+        torch.testing.assert_close(conv.weight, result.bundle.quantized[f"{name}.weight"].dequantize())
+    x = _inputs(family, 4)
     with torch.no_grad():
         assert not torch.equal(module(x), source(x))
 
@@ -138,9 +171,9 @@ def test_int8_dynamic_serves_the_stored_int8_weights(tmp_path: Path) -> None:
 def test_cuda_request_falls_back_to_float_weights_off_cpu(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    result = run_pipeline(_source(), NORM, FORMATS["int8-dynamic"], _data)
+    result = run_pipeline(_source(), ARCHS["mlp"], NORM, FORMATS["int8-dynamic"], _data)
     module = load_compressed(_save(result, tmp_path / "q.st"), tmp_path / "q.st", torch.device("cuda"))
-    assert module.runtime == "fp32"
+    assert not any(isinstance(m, DynamicLinear) for m in module.modules())
     x = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(module(x.cuda()).cpu(), result.model(x), atol=1e-4, rtol=0)

@@ -92,6 +92,14 @@ def add_dataset(
     return Dataset(catalog.create(meta, shards), features[test].astype(np.float32), labels[test])
 
 
+def add_digits_images(catalog: DatasetCatalog, store: ArtifactStore, name: str = "digits-img") -> Dataset:
+    """scikit-learn's bundled digits as 1x8x8 images (per-pixel z-scored)."""
+    data = load_digits()
+    return add_dataset(
+        catalog, store, name, data.data.astype(np.float32), data.target, classes=10, example_shape=(1, 8, 8)
+    )
+
+
 @pytest.fixture
 def fast_settings(settings: Settings) -> Settings:
     """Reclaim a dead worker's job after 2 s; heartbeat every 0.3 s."""

@@ -3,12 +3,10 @@ image datasets only, seeded, and through a real training job."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import redis
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from common.api.modelfleet.data.v1 import data_pb2
 from common.api.modelfleet.jobs.v1 import jobs_pb2
@@ -22,7 +20,7 @@ from common.settings import Settings
 from services.training.augment import augment
 from services.training.spec import bind_to_dataset, normalize_spec
 from services.training.submit import TrainingSubmitter
-from tests.training.conftest import add_dataset
+from tests.training.conftest import add_digits_images
 from tests.training.test_handler import run_one
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,16 +83,7 @@ def test_augmentation_needs_an_image_dataset() -> None:
 def test_a_training_job_with_augmentation_succeeds(
     catalog: DatasetCatalog, store: ArtifactStore, fast_settings: Settings, redis_client: redis.Redis
 ) -> None:
-    data = load_digits()
-    add_dataset(
-        catalog,
-        store,
-        "digits-img",
-        data.data.astype(np.float32),
-        data.target,
-        classes=10,
-        example_shape=(1, 8, 8),
-    )
+    add_digits_images(catalog, store)
     spec = ts.TrainingSpec(dataset_name="digits-img", model_name="m", epochs=2, batch_size=64)
     spec.augmentation.random_crop_padding = 1
     spec.augmentation.horizontal_flip = True

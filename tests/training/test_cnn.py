@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import redis
 import torch
-from sklearn.datasets import load_digits
 
 from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.jobs.v1 import jobs_pb2
@@ -22,7 +21,7 @@ from common.registry import ModelRegistry
 from common.settings import Settings
 from tests.inference.conftest import running
 from tests.inference.test_protocol import output, raw_request
-from tests.training.conftest import SpawnWorker, Stubs, add_dataset
+from tests.training.conftest import SpawnWorker, Stubs, add_digits_images
 from tests.training.test_service import submit, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -39,9 +38,7 @@ async def test_ddp_cnn_on_digits_images_trains_and_serves_images(
     fast_settings: Settings,
     store: ArtifactStore,
 ) -> None:
-    data = load_digits()
-    x = data.data.astype(np.float32)
-    images = add_dataset(catalog, store, "digits-img", x, data.target, classes=10, example_shape=(1, 8, 8))
+    images = add_digits_images(catalog, store)
     training = ts.TrainingSpec(
         dataset_name="digits-img",
         model_name="digits-cnn",

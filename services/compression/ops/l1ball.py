@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from common.models.mlp import MLP
+from common.models.pruning import weight_layers
 
 
 def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
@@ -28,10 +29,10 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_model_weights(model: MLP, radius: float) -> None:
-    """Project the concatenation of all Linear weights (biases excluded) onto
-    the L1 ball in place: the constraint is on the model's whole weight vector."""
-    weights = [m.weight for m in model.linears()]
+def project_model_weights(model: nn.Module, radius: float) -> None:
+    """Project the concatenation of all Linear and Conv2d weights (biases excluded)
+    onto the L1 ball in place: the constraint is on the model's whole weight vector."""
+    weights = [m.weight for m in weight_layers(model).values()]
     flat = torch.cat([w.reshape(-1) for w in weights])
     projected = project_l1_ball(flat, radius)
     for weight, part in zip(weights, projected.split([w.numel() for w in weights]), strict=True):

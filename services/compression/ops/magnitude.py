@@ -4,8 +4,9 @@ solved exactly by keeping the k largest |W|; k = round((1 - sparsity) * n)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from common.models.mlp import MLP
+from common.models.pruning import weight_layers
 
 
 def keep_count(numel: int, sparsity: float) -> int:
@@ -35,12 +36,12 @@ def magnitude_masks(weights: list[torch.Tensor], sparsity: float, global_scope: 
 
 
 @torch.no_grad()
-def prune_magnitude(model: MLP, sparsity: float, global_scope: bool) -> dict[int, torch.Tensor]:
-    """Zero all but the largest weights of every Linear layer in place (biases
-    are kept). Returns the masks keyed by the layer's index in ``model.layers``."""
-    linears = {i: m for i, m in enumerate(model.layers) if isinstance(m, torch.nn.Linear)}
-    weights = [m.weight for m in linears.values()]
+def prune_magnitude(model: nn.Module, sparsity: float, global_scope: bool) -> dict[str, torch.Tensor]:
+    """Zero all but the largest weights of every Linear and Conv2d layer in place
+    (biases are kept). Returns the masks keyed by the weight's state-dict name."""
+    layers = weight_layers(model)
+    weights = [m.weight for m in layers.values()]
     masks = magnitude_masks(weights, sparsity, global_scope)
     for weight, mask in zip(weights, masks, strict=True):
         weight.mul_(mask)
-    return dict(zip(linears, masks, strict=True))
+    return {f"{name}.weight": mask for name, mask in zip(layers, masks, strict=True)}

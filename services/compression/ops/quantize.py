@@ -1,4 +1,4 @@
-"""Quantization of an MLP's Linear weights, written back into the model (the
+"""Quantization of a model's Linear and Conv2d weights, written back into the model (the
 model then computes with exactly what will be stored and served).
 
 What runs fast and what only saves space, on CPU:
@@ -15,16 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as spec_pb2
 from common.models.compressed import QuantizedTensor
-from common.models.mlp import MLP
+from common.models.pruning import weight_layers
 
 NOTES: dict[int, str] = {
     spec_pb2.QUANTIZATION_METHOD_INT8_DYNAMIC: (
         "int8 dynamic: int8 weights with per-channel scales, int8 GEMMs on CPU (~4x smaller; faster for "
         "large layers, slower for tiny ones, whose per-call quantization costs more than it saves); "
-        "on CUDA it is served with dequantized fp32 weights (smaller on disk only)"
+        "on CUDA it is served with dequantized fp32 weights (smaller on disk only); convolutions keep "
+        "int8 codes on disk but compute in fp32 (no dynamic int8 conv kernel exists)"
     ),
     spec_pb2.QUANTIZATION_METHOD_INT8_WEIGHT_ONLY: (
         "int8 weight-only: ~4x smaller on disk, dequantized to fp32 on load (no speed-up)"
@@ -75,12 +77,12 @@ class QuantizationResult:
 
 
 @torch.no_grad()
-def quantize_model(model: MLP, method: int, bits: int) -> QuantizationResult:
-    """Quantize every Linear weight (or cast every layer tensor) and write the
-    dequantized values back into ``model``."""
+def quantize_model(model: nn.Module, method: int, bits: int) -> QuantizationResult:
+    """Quantize every Linear and Conv2d weight (or cast every parameter) and write
+    the dequantized values back into ``model``."""
     if method in _CASTS:
         runtime = _CASTS[method]
-        for tensor in model.layers.parameters():
+        for tensor in model.parameters():  # input normalization is buffers, kept in fp32
             tensor.copy_(tensor.to(_DTYPES[runtime]).to(tensor.dtype))
         return QuantizationResult({}, runtime, NOTES[method])
     if method == spec_pb2.QUANTIZATION_METHOD_KBIT_WEIGHT_ONLY:
@@ -95,9 +97,8 @@ def quantize_model(model: MLP, method: int, bits: int) -> QuantizationResult:
     else:
         raise ValueError(f"unknown quantization method {method}")
     quantized: dict[str, QuantizedTensor] = {}
-    for index, module in enumerate(model.layers):
-        if isinstance(module, torch.nn.Linear):
-            q = quantize_per_channel(module.weight, width, symmetric)
-            module.weight.copy_(q.dequantize().to(module.weight.device))
-            quantized[f"layers.{index}.weight"] = q
+    for name, module in weight_layers(model).items():
+        q = quantize_per_channel(module.weight, width, symmetric)
+        module.weight.copy_(q.dequantize().to(module.weight.device))
+        quantized[f"{name}.weight"] = q
     return QuantizationResult(quantized, runtime, note)
