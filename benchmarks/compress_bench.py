@@ -1,6 +1,7 @@
 """Compression benchmark: size on disk, batch-1/batch-32 latency and test
-accuracy of compressed variants of an MLP trained on digits (in-process), and
-size/latency of the same variants of an untrained 1024-4096-4096-10 MLP.
+accuracy of compressed variants of an MLP and a CNN trained on digits
+(in-process), and size/latency of variants of an untrained 1024-4096-4096-10 MLP
+and an untrained 64-128-256-channel CNN on 3x32x32 images.
 
 Every variant goes through the production path: the step pipeline, the
 COMPRESSED file on disk, and the module load_compressed rebuilds from it.
@@ -30,7 +31,7 @@ from common.api.modelfleet.common.v1 import model_pb2
 from common.api.modelfleet.compression.v1 import compression_spec_pb2 as S
 from common.api.modelfleet.registry.v1 import registry_pb2
 from common.models.compressed import load_compressed, save_compressed
-from common.models.mlp import MLP, build_model
+from common.models.families import family_of, tensor_specs
 from services.compression.ops.finetune import FinetuneConfig, TrainData, finetune
 from services.compression.pipeline import run_pipeline
 from services.compression.report import latency_ms, task_metric
@@ -61,6 +62,20 @@ VARIANTS: dict[str, list[S.CompressionStep]] = {
     "int8 dynamic": [_quant(Q.QUANTIZATION_METHOD_INT8_DYNAMIC)],
     "int4 weight-only": [_quant(Q.QUANTIZATION_METHOD_KBIT_WEIGHT_ONLY, 4)],
     "pipeline struct->ft->int8": [STRUCTURED, FINETUNE, _quant(Q.QUANTIZATION_METHOD_INT8_DYNAMIC)],
+    "int8 weight-only": [_quant(Q.QUANTIZATION_METHOD_INT8_WEIGHT_ONLY)],
+}
+# Convolutions recover from pruning with a stronger fine-tune than the MLP needs.
+FINETUNE_CNN = S.CompressionStep(
+    finetune=S.Finetune(
+        epochs=15, learning_rate=3e-3, batch_size=64, distillation_weight=0.5, temperature=2.0
+    )
+)
+CNN_VARIANTS: dict[str, list[S.CompressionStep]] = {
+    "90% unstr. + finetune": [VARIANTS["90% unstructured"][0], FINETUNE_CNN],
+    "50% structured": [STRUCTURED],
+    "50% structured + finetune": [STRUCTURED, FINETUNE_CNN],
+    "int8 weight-only": VARIANTS["int8 weight-only"],
+    "pipeline struct->ft->int8": [STRUCTURED, FINETUNE_CNN, _quant(Q.QUANTIZATION_METHOD_INT8_WEIGHT_ONLY)],
 }
 
 
@@ -91,45 +106,93 @@ def digits() -> tuple[TrainData, TrainData, model_pb2.Normalization]:
     return split(x_train, y_train), split(x_test, y_test), norm
 
 
-def fp32_row(model: MLP, name: str, folder: Path, test: TrainData | None, input_size: int) -> Row:
-    path = folder / "fp32.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+def build(arch: model_pb2.Architecture, norm: model_pb2.Normalization | None = None) -> torch.nn.Module:
+    family, member = family_of(arch)
+    return family.build(member, norm)
+
+
+def _row(
+    name: str, module: torch.nn.Module, arch: model_pb2.Architecture, path: Path, test: TrainData | None
+) -> Row:
+    family, _ = family_of(arch)
+    inputs, _ = tensor_specs(arch)
+    shape = list(inputs[0].shape[1:])
     cpu = torch.device("cpu")
-    accuracy = task_metric(model.layers, test)[1] if test is not None else None
+    accuracy = task_metric(family.trainable(module), test)[1] if test is not None else None
     return Row(
         name,
         path.stat().st_size,
-        latency_ms(model, input_size, 1, cpu, 200),
-        latency_ms(model, input_size, 32, cpu, 100),
+        latency_ms(module, shape, 1, cpu, 200),
+        latency_ms(module, shape, 32, cpu, 100),
         accuracy,
     )
 
 
+def fp32_row(
+    model: torch.nn.Module, arch: model_pb2.Architecture, folder: Path, test: TrainData | None
+) -> Row:
+    path = folder / "fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return _row("fp32", model, arch, path, test)
+
+
 def variant_row(
-    source: MLP,
+    source: torch.nn.Module,
+    arch: model_pb2.Architecture,
     norm: model_pb2.Normalization,
     name: str,
     train: TrainData | None,
     test: TrainData | None,
     folder: Path,
+    variants: dict[str, list[S.CompressionStep]] = VARIANTS,
 ) -> Row:
-    steps = VARIANTS[name]
-    result = run_pipeline(source, norm, steps, lambda: train)  # type: ignore[arg-type,return-value]
+    steps = variants[name]
+    result = run_pipeline(source, arch, norm, steps, lambda: train)  # type: ignore[arg-type,return-value]
     path = folder / "variant.safetensors"
     save_compressed(result.bundle, path)
     version = registry_pb2.ModelVersion(format=registry_pb2.MODEL_FORMAT_COMPRESSED, normalization=norm)
-    version.architecture.mlp.CopyFrom(result.bundle.arch)
-    cpu = torch.device("cpu")
-    module = load_compressed(version, path, cpu)
-    input_size = result.bundle.arch.input_size
-    accuracy = task_metric(module.layers, test)[1] if test is not None else None
-    return Row(
-        name,
-        path.stat().st_size,
-        latency_ms(module, input_size, 1, cpu, 200),
-        latency_ms(module, input_size, 32, cpu, 100),
-        accuracy,
+    version.architecture.CopyFrom(result.bundle.arch)
+    module = load_compressed(version, path, torch.device("cpu"))
+    return _row(name, module, result.bundle.arch, path, test)
+
+
+def trained(
+    arch: model_pb2.Architecture,
+    norm: model_pb2.Normalization,
+    train: TrainData,
+    learning_rate: float,
+    batch_size: int,
+) -> torch.nn.Module:
+    model = build(arch, norm)
+    family, _ = family_of(arch)
+    config = FinetuneConfig(epochs=30, learning_rate=learning_rate, batch_size=batch_size)
+    finetune(family.trainable(model), train, config)
+    return model.eval()
+
+
+DIGITS_CNN = model_pb2.Architecture(
+    cnn=model_pb2.CnnArchitecture(
+        input_shape=[1, 8, 8],
+        blocks=[
+            model_pb2.ConvBlock(out_channels=32, batch_norm=True),
+            model_pb2.ConvBlock(out_channels=64, batch_norm=True, pooling=model_pb2.POOLING_MAX),
+            model_pb2.ConvBlock(out_channels=128, batch_norm=True),
+        ],
+        output_size=10,
+        dropout=0.2,
     )
+)
+BIG_CNN = model_pb2.Architecture(
+    cnn=model_pb2.CnnArchitecture(
+        input_shape=[3, 32, 32],
+        blocks=[
+            model_pb2.ConvBlock(out_channels=64, batch_norm=True, pooling=model_pb2.POOLING_MAX),
+            model_pb2.ConvBlock(out_channels=128, batch_norm=True, pooling=model_pb2.POOLING_MAX),
+            model_pb2.ConvBlock(out_channels=256, batch_norm=True),
+        ],
+        output_size=10,
+    )
+)
 
 
 def print_table(title: str, rows: list[Row]) -> dict[str, Row]:
@@ -160,14 +223,12 @@ def main() -> None:
     arch = model_pb2.Architecture(
         mlp=model_pb2.MlpArchitecture(input_size=64, hidden_sizes=[256, 256], output_size=10)
     )
-    model = build_model(arch, norm)
-    finetune(model.layers, train, FinetuneConfig(epochs=30, learning_rate=1e-3, batch_size=64))
-    model.eval()
+    model = trained(arch, norm, train, 1e-3, 64)
     checks: list[tuple[str, bool, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rows = [fp32_row(model, "fp32", folder, test, 64)]
-        rows += [variant_row(model, norm, name, train, test, folder) for name in VARIANTS]
+        rows = [fp32_row(model, arch, folder, test)]
+        rows += [variant_row(model, arch, norm, name, train, test, folder) for name in VARIANTS]
         small = print_table("MLP 64-256-256-10 trained on digits", rows)
         fp32 = small["fp32"]
         drop = 100 * (fp32.accuracy or 0) - 100 * (small["pipeline struct->ft->int8"].accuracy or 0)
@@ -180,14 +241,27 @@ def main() -> None:
             ),
             ("digits: pipeline accuracy drop <= 1 point", drop <= 1.0, f"{drop:.2f} points"),
         ]
+        cnn = trained(DIGITS_CNN, norm, train, 2e-3, 32)
+        cnn_rows = [fp32_row(cnn, DIGITS_CNN, folder, test)]
+        cnn_rows += [variant_row(cnn, DIGITS_CNN, norm, name, train, test, folder) for name in CNN_VARIANTS]
+        digits_cnn = print_table("CNN 1x8x8 -> 32 -> 64 -> 128 channels, trained on digits", cnn_rows)
+        cnn_drop = 100 * (digits_cnn["fp32"].accuracy or 0) - 100 * (
+            digits_cnn["pipeline struct->ft->int8"].accuracy or 0
+        )
+        checks += [
+            ("digits CNN: fp32 test accuracy >= 97%", (digits_cnn["fp32"].accuracy or 0) >= 0.97, ""),
+            ("digits CNN: pipeline accuracy drop <= 1 point", cnn_drop <= 1.0, f"{cnn_drop:.2f} points"),
+        ]
         if not args.skip_big:
             big_arch = model_pb2.Architecture(
                 mlp=model_pb2.MlpArchitecture(input_size=1024, hidden_sizes=[4096, 4096], output_size=10)
             )
-            big = build_model(big_arch).eval()
-            big_rows = [fp32_row(big, "fp32", folder, None, 1024)]
+            big = build(big_arch).eval()
+            big_rows = [fp32_row(big, big_arch, folder, None)]
             for name in ("90% unstructured", "50% structured", "int8 dynamic", "int4 weight-only"):
-                big_rows.append(variant_row(big, model_pb2.Normalization(), name, None, None, folder))
+                big_rows.append(
+                    variant_row(big, big_arch, model_pb2.Normalization(), name, None, None, folder)
+                )
             large = print_table("MLP 1024-4096-4096-10 (untrained; size and latency only)", big_rows)
             base = large["fp32"]
             q = large["int8 dynamic"]
@@ -209,6 +283,15 @@ def main() -> None:
                     f"{base.lat1 / large['50% structured'].lat1:.2f}x",
                 ),
             ]
+            conv = build(BIG_CNN).eval()
+            conv_rows = [fp32_row(conv, BIG_CNN, folder, None)]
+            for name in ("50% structured", "int8 weight-only"):
+                conv_rows.append(
+                    variant_row(conv, BIG_CNN, model_pb2.Normalization(), name, None, None, folder)
+                )
+            convs = print_table("CNN 3x32x32 -> 64 -> 128 -> 256 channels (untrained)", conv_rows)
+            speedup = convs["fp32"].lat32 / convs["50% structured"].lat32
+            checks.append(("big CNN: 50% channels >= 2x faster at batch 32", speedup >= 2, f"{speedup:.2f}x"))
     print("\n## Targets\n")
     for what, ok, detail in checks:
         print(f"- [{'x' if ok else ' '}] {what}" + (f" ({detail})" if detail else ""))
